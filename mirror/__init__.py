@@ -1,0 +1,1 @@
+"""An air-gapped mirror and pull-through cache appliance for container images."""

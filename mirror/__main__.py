@@ -1,0 +1,4 @@
+"""Entry point for ``python -m mirror``."""
+from mirror.cli import main
+
+raise SystemExit(main())

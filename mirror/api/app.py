@@ -1,0 +1,30 @@
+"""The route table of the registry API; dependencies reach handlers through ``initialize``."""
+from __future__ import annotations
+
+from typing import Any
+
+import tornado.web
+
+from mirror.api import handlers
+
+NAME = r"(?P<name>[^?#]+?)"
+
+
+def make_app(**dependencies: Any) -> tornado.web.Application:
+    """The Tornado application serving the Distribution API with ``dependencies`` (registry, ...)."""
+    routes = [
+        (r"/v2/?", handlers.PingHandler),
+        (r"/v2/_catalog", handlers.CatalogHandler),
+        (rf"/v2/{NAME}/tags/list", handlers.TagsHandler),
+        (rf"/v2/{NAME}/manifests/(?P<reference>[^/]+)", handlers.ManifestHandler),
+        (rf"/v2/{NAME}/blobs/uploads/?", handlers.UploadHandler),
+        (rf"/v2/{NAME}/blobs/uploads/(?P<session>[^/]+)", handlers.UploadHandler),
+        (rf"/v2/{NAME}/blobs/(?P<digest>[^/]+)", handlers.BlobHandler),
+        (rf"/v2/{NAME}/referrers/(?P<digest>[^/]+)", handlers.ReferrersHandler),
+    ]
+    return tornado.web.Application(
+        [(pattern, handler, dependencies) for pattern, handler in routes],
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args=dependencies,
+        compress_response=False,
+    )

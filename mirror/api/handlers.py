@@ -1,0 +1,384 @@
+"""Thin request handlers of the Distribution API: parse the request, call the registry, shape the response."""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from typing import Any
+
+import tornado.iostream
+import tornado.web
+
+from mirror import errors
+from mirror.api import errcodes
+from mirror.digest import Digest
+from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
+from mirror.registry import Page, Registry
+from mirror.storage.filesystem import CHUNK, FileBlobWriter
+from mirror.storage.paths import check_name
+
+log = logging.getLogger("mirror.api")
+_BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_UPLOAD_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)")
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    """Common headers, path checks and spec-shaped JSON errors for every route."""
+
+    registry: Registry
+
+    def initialize(self, registry: Registry, activity: Any = None, **_: Any) -> None:
+        """Receive the application's dependencies and count this request as in flight."""
+        self.registry = registry
+        self.activity = activity
+        if activity is not None:
+            activity.begin()
+
+    def on_finish(self) -> None:
+        """The request is no longer in flight."""
+        self._settle()
+
+    def on_connection_close(self) -> None:
+        """A client that went away is no longer in flight."""
+        self._settle()
+
+    def _settle(self) -> None:
+        if self.activity is not None:
+            self.activity.end()
+            self.activity = None
+
+    def set_default_headers(self) -> None:
+        """Every response names the API version."""
+        self.set_header("Docker-Distribution-API-Version", "registry/2.0")
+
+    def prepare(self) -> None:
+        """Refuse encoded slashes and dot segments before any routing argument is trusted."""
+        raw_path = self.request.path.lower()
+        if "%2f" in raw_path or "%5c" in raw_path or "/../" in raw_path or "/./" in raw_path:
+            raise errors.NameInvalid("encoded slashes and dot segments are not allowed in paths")
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        """Write the error as the spec's JSON document."""
+        error = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(error, errors.MirrorError):
+            code, status_code = errcodes.lookup(error)
+            message, detail = error.message, error.detail
+        else:
+            code = errcodes.STATUS_CODES.get(status_code, "UNKNOWN")
+            message, detail = self._reason, None
+        self.set_status(status_code)
+        if isinstance(error, errors.RangeInvalid) and isinstance(error.detail, dict):
+            self.set_header("Range", f"0-{max(error.detail['size'] - 1, 0)}")
+        self.set_header("Content-Type", "application/json")
+        self.finish(errcodes.body(code, message, detail))
+
+    def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
+        """Registry errors are the client's business: log them briefly, not as crashes."""
+        if isinstance(value, errors.MirrorError):
+            log.info("%s %s: %s", self.request.method, self.request.path, value.message)
+        else:
+            super().log_exception(typ, value, tb)
+
+    def write_json(self, document: Any, content_type: str = "application/json") -> None:
+        """Finish with a JSON document."""
+        self.set_header("Content-Type", content_type)
+        self.finish(json.dumps(document).encode())
+
+    def link_next(self, path: str, page: Page, n: str | None) -> None:
+        """Add the RFC 5988 ``Link`` header that points at the next page, when there is one."""
+        if page.next_last is not None:
+            size = f"n={n}&" if n else ""
+            self.set_header("Link", f'<{path}?{size}last={page.next_last}>; rel="next"')
+
+
+class PingHandler(BaseHandler):
+    """``/v2/``: the API version check (end-1)."""
+
+    def get(self) -> None:
+        """Answer 200 with an empty JSON object."""
+        self.write_json({})
+
+    head = get
+
+
+class CatalogHandler(BaseHandler):
+    """``/v2/_catalog``: the repositories, paginated."""
+
+    def get(self) -> None:
+        """List one page of repository names."""
+        n, last = self.get_query_argument("n", None), self.get_query_argument("last", None)
+        page = self.registry.catalog(n, last)
+        self.link_next("/v2/_catalog", page, n)
+        self.write_json({"repositories": page.items})
+
+
+class TagsHandler(BaseHandler):
+    """``/v2/<name>/tags/list`` (end-8a, end-8b)."""
+
+    def get(self, name: str) -> None:
+        """List one page of the repository's tags."""
+        n, last = self.get_query_argument("n", None), self.get_query_argument("last", None)
+        page = self.registry.tags(name, n, last)
+        self.link_next(f"/v2/{name}/tags/list", page, n)
+        self.write_json({"name": name, "tags": page.items})
+
+
+class ReferrersHandler(BaseHandler):
+    """``/v2/<name>/referrers/<digest>`` (end-12a, end-12b)."""
+
+    def get(self, name: str, digest: str) -> None:
+        """List the manifests whose subject is ``digest``, optionally filtered by artifactType."""
+        artifact_type = self.get_query_argument("artifactType", None)
+        index = self.registry.referrers(name, Digest.parse(digest), artifact_type)
+        if artifact_type:
+            self.set_header("OCI-Filters-Applied", "artifactType")
+        self.write_json(index, OCI_INDEX)
+
+
+class BlobHandler(BaseHandler):
+    """``/v2/<name>/blobs/<digest>``: GET and HEAD with ranges (end-2), DELETE (end-10)."""
+
+    async def get(self, name: str, digest: str) -> None:
+        """Stream the blob, or the requested byte range of it."""
+        await self._send(name, Digest.parse(digest), body=True)
+
+    async def head(self, name: str, digest: str) -> None:
+        """Describe the blob without its bytes."""
+        await self._send(name, Digest.parse(digest), body=False)
+
+    def delete(self, name: str, digest: str) -> None:
+        """Remove the blob from the repository."""
+        self.registry.delete_blob(name, Digest.parse(digest))
+        self.set_status(202)
+        self.finish()
+
+    async def _send(self, name: str, digest: Digest, body: bool) -> None:
+        size = self.registry.blob_size(name, digest)
+        self.set_header("Docker-Content-Digest", str(digest))
+        self.set_header("Accept-Ranges", "bytes")
+        self.set_header("ETag", f'"{digest}"')
+        byte_range = self._range(size)
+        if byte_range is None:
+            self.set_status(416)
+            self.set_header("Content-Range", f"bytes */{size}")
+            self.set_header("Content-Type", "application/json")
+            return self.finish(errcodes.body("RANGE_INVALID", "requested range not satisfiable", {"size": size}))
+        start, end = byte_range
+        self.set_header("Content-Type", "application/octet-stream")
+        self.set_header("Content-Length", str(end - start))
+        if body:
+            with self.registry.open_blob(name, digest, start) as file:
+                await self.stream_file(file, end - start)
+        self.finish()
+
+    def _range(self, size: int) -> tuple[int, int] | None:
+        """The half-open byte range to send (setting 206 for a Range header), or None when unsatisfiable."""
+        match = _BYTE_RANGE.fullmatch(self.request.headers.get("Range", "").strip())
+        if not match or match.groups() == ("", ""):
+            return 0, size
+        first, last = match.groups()
+        if first:
+            start, end = int(first), min(int(last) + 1 if last else size, size)
+        else:
+            start, end = max(size - int(last), 0), size
+        if start >= end:
+            return None
+        self.set_status(206)
+        self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
+        return start, end
+
+    async def stream_file(self, file: Any, length: int) -> None:
+        """Send ``length`` bytes of ``file`` in chunks, waiting for the socket to drain between them."""
+        try:
+            while length > 0:
+                chunk = file.read(min(CHUNK, length))
+                if not chunk:
+                    break
+                length -= len(chunk)
+                self.write(chunk)
+                await self.flush()
+        except tornado.iostream.StreamClosedError:
+            return
+
+
+@tornado.web.stream_request_body
+class UploadHandler(BaseHandler):
+    """Blob uploads: POST opens (end-4a/4b, end-11 mount), PATCH appends (end-5), PUT closes (end-6),
+    GET reports (end-13), DELETE cancels."""
+
+    writer: FileBlobWriter | None = None
+    failure: errors.MirrorError | None = None
+
+    def prepare(self) -> Any:
+        """Open or resume the upload session the request writes into."""
+        super().prepare()
+        name, session = self.path_kwargs["name"], self.path_kwargs.get("session")
+        method = self.request.method
+        if method == "POST" and self._opens_with_body():
+            self.writer = self.registry.start_upload(name)
+        elif method in ("PATCH", "PUT") and session:
+            self.writer = self.registry.resume_upload(name, session)
+            self.registry.check_chunk_start(self.writer, self._chunk_start())
+
+    def _opens_with_body(self) -> bool:
+        return self.get_query_argument("digest", None) is not None and not self.get_query_argument("mount", None)
+
+    def _chunk_start(self) -> int | None:
+        content_range = self.request.headers.get("Content-Range")
+        if not content_range:
+            return None
+        match = _UPLOAD_RANGE.fullmatch(content_range.strip())
+        if not match or int(match.group(2)) < int(match.group(1)):
+            self.writer.close()
+            raise errors.RangeInvalid(f"malformed Content-Range {content_range[:80]!r}",
+                                      detail={"size": self.writer.size})
+        return int(match.group(1))
+
+    def data_received(self, chunk: bytes) -> None:
+        """Append each piece of the body to the session as it arrives."""
+        if self.writer is None or self.failure is not None:
+            return
+        try:
+            self.writer.write(chunk)
+        except errors.MirrorError as exc:
+            self.failure = exc
+
+    def on_connection_close(self) -> None:
+        """Keep what arrived of an interrupted chunk; the client may resume from the reported size."""
+        if self.writer is not None:
+            self.writer.close()
+        super().on_connection_close()
+
+    async def post(self, name: str, session: None = None) -> None:
+        """Mount, take a whole blob in one POST, or open a session."""
+        mount, source = self.get_query_argument("mount", None), self.get_query_argument("from", None)
+        if mount and source and self.registry.mount(name, source, Digest.parse(mount)):
+            return self._created(name, Digest.parse(mount))
+        if self.writer is not None:
+            return self._finish_upload(name)
+        writer = self.registry.start_upload(name)
+        writer.close()
+        self._accepted(name, writer)
+
+    def patch(self, name: str, session: str) -> None:
+        """Acknowledge an appended chunk."""
+        self._raise_failure()
+        self.writer.close()
+        self._accepted(name, self.writer)
+
+    def put(self, name: str, session: str) -> None:
+        """Close the session: verify the digest and publish the blob."""
+        self._finish_upload(name)
+
+    def get(self, name: str, session: str) -> None:
+        """Report how much of the upload has arrived."""
+        size = self.registry.upload_size(name, session)
+        self._session_headers(name, session, size)
+        self.set_status(204)
+        self.finish()
+
+    def delete(self, name: str, session: str) -> None:
+        """Cancel the upload."""
+        self.registry.cancel_upload(name, session)
+        self.set_status(204)
+        self.finish()
+
+    def _finish_upload(self, name: str) -> None:
+        self._raise_failure()
+        digest_text = self.get_query_argument("digest", None)
+        try:
+            if digest_text is None:
+                raise errors.DigestInvalid("the digest query parameter is required to complete an upload")
+            digest = self.registry.finish_upload(name, self.writer, Digest.parse(digest_text))
+        except errors.DigestInvalid:
+            self.writer.cancel()
+            raise
+        self._created(name, digest)
+
+    def _raise_failure(self) -> None:
+        if self.failure is not None:
+            self.writer.cancel()
+            raise self.failure
+
+    def _created(self, name: str, digest: Digest) -> None:
+        self.set_status(201)
+        self.set_header("Location", f"/v2/{name}/blobs/{digest}")
+        self.set_header("Docker-Content-Digest", str(digest))
+        self.set_header("Content-Length", "0")
+        self.finish()
+
+    def _accepted(self, name: str, writer: FileBlobWriter) -> None:
+        self._session_headers(name, writer.id, writer.size)
+        self.set_status(202)
+        self.set_header("Content-Length", "0")
+        self.finish()
+
+    def _session_headers(self, name: str, session: str, size: int) -> None:
+        self.set_header("Location", f"/v2/{name}/blobs/uploads/{session}")
+        self.set_header("Range", f"0-{max(size - 1, 0)}")
+        self.set_header("Docker-Upload-UUID", session)
+
+
+@tornado.web.stream_request_body
+class ManifestHandler(BaseHandler):
+    """``/v2/<name>/manifests/<reference>``: GET/HEAD (end-3), PUT (end-7), DELETE (end-9)."""
+
+    def prepare(self) -> None:
+        """Refuse an oversized manifest before reading it."""
+        super().prepare()
+        check_name(self.path_kwargs["name"])
+        self.body_parts: list[bytes] = []
+        self.body_size = 0
+        length = self.request.headers.get("Content-Length", "0")
+        if self.request.method == "PUT" and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
+            raise errors.ManifestTooLarge(f"manifest of {length} bytes is over the {MAX_MANIFEST_SIZE} byte limit")
+
+    def data_received(self, chunk: bytes) -> None:
+        """Collect the manifest body up to the size limit."""
+        self.body_size += len(chunk)
+        if self.body_size <= MAX_MANIFEST_SIZE:
+            self.body_parts.append(chunk)
+
+    def get(self, name: str, reference: str) -> None:
+        """Return the manifest byte for byte with its media type."""
+        self._send(name, reference, body=True)
+
+    def head(self, name: str, reference: str) -> None:
+        """Describe the manifest without its bytes."""
+        self._send(name, reference, body=False)
+
+    def _send(self, name: str, reference: str, body: bool) -> None:
+        manifest = self.registry.get_manifest(name, reference)
+        self.set_header("Content-Type", manifest.media_type)
+        self.set_header("Docker-Content-Digest", str(manifest.digest))
+        self.set_header("ETag", f'"{manifest.digest}"')
+        self.set_header("Content-Length", str(len(manifest.body)))
+        self.finish(manifest.body if body else None)
+
+    def put(self, name: str, reference: str) -> None:
+        """Store a manifest under a tag or its digest."""
+        if self.body_size > MAX_MANIFEST_SIZE:
+            raise errors.ManifestTooLarge(f"manifest is over the {MAX_MANIFEST_SIZE} byte limit")
+        manifest = self.registry.put_manifest(name, reference, b"".join(self.body_parts),
+                                              self.request.headers.get("Content-Type"))
+        self.set_status(201)
+        self.set_header("Location", f"/v2/{name}/manifests/{manifest.digest}")
+        self.set_header("Docker-Content-Digest", str(manifest.digest))
+        if manifest.subject is not None:
+            self.set_header("OCI-Subject", str(manifest.subject))
+        self.set_header("Content-Length", "0")
+        self.finish()
+
+    def delete(self, name: str, reference: str) -> None:
+        """Delete a tag, or a manifest by digest."""
+        self.registry.delete_manifest(name, reference)
+        self.set_status(202)
+        self.finish()
+
+
+class NotFoundHandler(BaseHandler):
+    """Any path outside the API."""
+
+    def prepare(self) -> None:
+        """Answer 404 in the spec's error form."""
+        raise tornado.web.HTTPError(404)

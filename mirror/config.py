@@ -1,0 +1,213 @@
+"""Configuration: frozen dataclasses and ``load(path, environ)``, the only reader of the environment.
+
+The YAML file's keys map one to one onto these dataclasses; every error names the key at fault.
+Without a file the embedded defaults serve on 0.0.0.0:5000 from ``./mirror-data`` with docker.io upstream.
+"""
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import yaml
+
+from mirror.errors import ConfigError
+
+DEFAULT_LISTEN = "0.0.0.0:5000"
+DEFAULT_ROOT = "mirror-data"
+DOCKER_HUB = "docker.io"
+DOCKER_HUB_URL = "https://registry-1.docker.io"
+
+# Environment variables that override one scalar key each (``MIRROR_CONFIG`` names the file itself).
+ENV_OVERRIDES = {
+    "MIRROR_LISTEN": "listen",
+    "MIRROR_STORAGE_ROOT": "storage.root",
+    "MIRROR_STORAGE_MAX_CACHE_SIZE": "storage.max_cache_size",
+    "MIRROR_DEFAULT_UPSTREAM": "default_upstream",
+    "MIRROR_WORKERS": "workers",
+}
+
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+               "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+
+
+def parse_size(value: Any, key: str = "size") -> int:
+    """Bytes from an int or a string such as ``"50GiB"`` or ``"4G"``."""
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
+        return value
+    match = _SIZE.fullmatch(str(value).strip())
+    if not match:
+        raise ConfigError(key, f"{value!r} is not a size (bytes, or a number with KiB/MiB/GiB/TiB/KB/MB/GB)")
+    unit = match.group(2).lower().removesuffix("b") if match.group(2) else ""
+    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+
+
+def parse_duration(value: Any, key: str = "duration") -> float:
+    """Seconds from a number or a string such as ``"5m"``, ``"300s"`` or ``"1h"``."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
+        return float(value)
+    match = _DURATION.fullmatch(str(value).strip())
+    if not match:
+        raise ConfigError(key, f"{value!r} is not a duration (seconds, or a number with ms/s/m/h/d)")
+    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+
+
+@dataclass(frozen=True)
+class Upstream:
+    """One upstream registry that the mirror proxies and caches."""
+
+    name: str
+    url: str
+    username: str | None = None
+    password: str | None = None
+    manifest_ttl: float = 300.0
+    allow_push: bool = False
+
+
+@dataclass(frozen=True)
+class Storage:
+    """Where content lives and how much pull-through may keep."""
+
+    root: Path = Path(DEFAULT_ROOT)
+    max_cache_size: int | None = None
+    upload_expiry: float = 24 * 3600.0
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole configuration of one appliance."""
+
+    listen: str = DEFAULT_LISTEN
+    storage: Storage = field(default_factory=Storage)
+    upstreams: tuple[Upstream, ...] = (Upstream(DOCKER_HUB, DOCKER_HUB_URL),)
+    default_upstream: str | None = DOCKER_HUB
+    workers: int = 1
+    source: str = "embedded defaults"
+
+    @property
+    def host_port(self) -> tuple[str, int]:
+        """The listen address split into host and port."""
+        host, _, port = self.listen.rpartition(":")
+        return host.strip("[]"), int(port)
+
+    def upstream(self, name: str) -> Upstream | None:
+        """The upstream called ``name``, if configured."""
+        return next((u for u in self.upstreams if u.name == name), None)
+
+
+def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
+    """Read the config from ``path`` (or ``$MIRROR_CONFIG``, or the embedded defaults) plus overrides."""
+    path = path or environ.get("MIRROR_CONFIG")
+    raw: dict[str, Any] = {}
+    if path:
+        try:
+            raw = yaml.safe_load(Path(path).read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
+        except yaml.YAMLError as exc:
+            raise ConfigError(str(path), f"not valid YAML: {exc}") from exc
+        if not isinstance(raw, dict):
+            raise ConfigError(str(path), "the top level must be a mapping")
+    for variable, key in ENV_OVERRIDES.items():
+        if variable in environ:
+            _set_path(raw, key, environ[variable])
+    return _build(raw, str(path) if path else "embedded defaults")
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        raw = raw.setdefault(part, {}) if isinstance(raw.get(part, {}), dict) else raw
+    raw[leaf] = value
+
+
+def _build(raw: dict[str, Any], source: str) -> Config:
+    known = {"listen", "storage", "upstreams", "default_upstream", "workers"}
+    for key in raw:
+        if key not in known:
+            raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
+    listen = _listen(raw.get("listen", DEFAULT_LISTEN))
+    storage = _storage(raw.get("storage") or {})
+    if "upstreams" in raw:
+        upstreams = tuple(_upstream(i, u) for i, u in enumerate(_list(raw["upstreams"], "upstreams")))
+        default = raw.get("default_upstream")
+    else:
+        upstreams = Config.upstreams
+        default = raw.get("default_upstream", DOCKER_HUB)
+    names = [u.name for u in upstreams]
+    if len(set(names)) != len(names):
+        raise ConfigError("upstreams", "two upstreams have the same name")
+    if default is not None and default not in names:
+        raise ConfigError("default_upstream", f"{default!r} is not the name of a configured upstream")
+    workers = raw.get("workers", 1)
+    try:
+        workers = int(workers)
+    except (TypeError, ValueError):
+        workers = 0
+    if not 1 <= workers <= 64:
+        raise ConfigError("workers", "must be a whole number from 1 to 64")
+    return Config(listen, storage, upstreams, default, workers, source)
+
+
+def _listen(value: Any) -> str:
+    host, sep, port = str(value).rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ConfigError("listen", f"{value!r} is not HOST:PORT")
+    return f"{host or '0.0.0.0'}:{port}"
+
+
+def _storage(raw: Any) -> Storage:
+    if not isinstance(raw, dict):
+        raise ConfigError("storage", "must be a mapping")
+    for key in raw:
+        if key not in {"root", "max_cache_size", "upload_expiry"}:
+            raise ConfigError(f"storage.{key}", "unknown key")
+    root = raw.get("root", DEFAULT_ROOT)
+    if not isinstance(root, str) or not root:
+        raise ConfigError("storage.root", "must be a directory path")
+    max_size = raw.get("max_cache_size")
+    return Storage(
+        root=Path(root),
+        max_cache_size=None if max_size is None else parse_size(max_size, "storage.max_cache_size"),
+        upload_expiry=parse_duration(raw.get("upload_expiry", Storage.upload_expiry), "storage.upload_expiry"),
+    )
+
+
+def _list(value: Any, key: str) -> list[Any]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise ConfigError(key, "must be a list")
+    return value
+
+
+def _upstream(index: int, raw: Any) -> Upstream:
+    key = f"upstreams[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a mapping with name and url")
+    allowed = {"name", "url", "username", "password", "manifest_ttl", "allow_push"}
+    for extra in set(raw) - allowed:
+        raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    name, url = raw.get("name"), raw.get("url")
+    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", name):
+        raise ConfigError(f"{key}.name", "must be a registry host name such as docker.io")
+    parts = urlsplit(str(url or ""))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}.url", f"{url!r} is not an http:// or https:// URL")
+    username, password = raw.get("username"), raw.get("password")
+    if (username is None) != (password is None):
+        raise ConfigError(f"{key}.password" if username else f"{key}.username", "username and password go together")
+    return Upstream(
+        name=name,
+        url=str(url).rstrip("/"),
+        username=None if username is None else str(username),
+        password=None if password is None else str(password),
+        manifest_ttl=parse_duration(raw.get("manifest_ttl", 300), f"{key}.manifest_ttl"),
+        allow_push=bool(raw.get("allow_push", False)),
+    )

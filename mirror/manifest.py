@@ -1,0 +1,118 @@
+"""Manifests of the Docker and OCI formats: media types, parsing, validation and what they reference. Pure."""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from typing import Any
+
+from mirror.digest import Digest
+from mirror.errors import DigestInvalid, ManifestInvalid
+
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
+IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
+MANIFEST_TYPES = INDEX_TYPES | IMAGE_TYPES
+MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """A parsed manifest: its bytes, media type and what it points at."""
+
+    body: bytes
+    media_type: str
+    digest: Digest
+    data: dict[str, Any]
+
+    @property
+    def is_index(self) -> bool:
+        """Whether this is a manifest list or image index."""
+        return self.media_type in INDEX_TYPES
+
+    @property
+    def blobs(self) -> list[dict[str, Any]]:
+        """Descriptors of the config and layers (empty for an index)."""
+        if self.is_index:
+            return []
+        config = self.data.get("config")
+        return ([config] if config else []) + list(self.data.get("layers") or [])
+
+    @property
+    def children(self) -> list[dict[str, Any]]:
+        """Descriptors of the manifests an index lists (empty for an image manifest)."""
+        return list(self.data.get("manifests") or []) if self.is_index else []
+
+    @property
+    def subject(self) -> Digest | None:
+        """The digest of the manifest this one refers to, if any."""
+        subject = self.data.get("subject")
+        return Digest.parse(subject["digest"]) if subject else None
+
+    @property
+    def artifact_type(self) -> str | None:
+        """The artifact type as the referrers API reports it."""
+        if self.data.get("artifactType"):
+            return self.data["artifactType"]
+        config = self.data.get("config") or {}
+        return None if self.is_index else config.get("mediaType")
+
+    def descriptor(self) -> dict[str, Any]:
+        """An OCI descriptor of this manifest, with artifactType and annotations for referrer listings."""
+        descriptor: dict[str, Any] = {"mediaType": self.media_type, "digest": str(self.digest),
+                                      "size": len(self.body)}
+        if self.artifact_type:
+            descriptor["artifactType"] = self.artifact_type
+        if self.data.get("annotations"):
+            descriptor["annotations"] = self.data["annotations"]
+        return descriptor
+
+
+def parse(body: bytes, content_type: str | None, algorithm: str = "sha256") -> Manifest:
+    """Parse and validate a manifest as pushed with ``content_type``; raise ManifestInvalid on any flaw."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ManifestInvalid("manifest must be a JSON object")
+    declared = data.get("mediaType")
+    content_type = (content_type or "").split(";")[0].strip()
+    if content_type in ("", "application/json", "application/octet-stream"):
+        content_type = declared or (OCI_INDEX if "manifests" in data else OCI_MANIFEST)
+    if declared is not None and declared != content_type:
+        raise ManifestInvalid(f"mediaType {declared!r} does not match Content-Type {content_type!r}",
+                              detail={"mediaType": declared, "contentType": content_type})
+    if content_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest media type {content_type!r}")
+    if data.get("schemaVersion") != 2:
+        raise ManifestInvalid("schemaVersion must be 2")
+    manifest = Manifest(body, content_type, Digest.of(body, algorithm), data)
+    _check_descriptors(manifest)
+    return manifest
+
+
+def _check_descriptors(manifest: Manifest) -> None:
+    data = manifest.data
+    if manifest.is_index:
+        if not isinstance(data.get("manifests"), list):
+            raise ManifestInvalid("an index must have a manifests list")
+        descriptors = data["manifests"]
+    else:
+        if not isinstance(data.get("config"), dict) or not isinstance(data.get("layers", []), list):
+            raise ManifestInvalid("an image manifest must have a config descriptor and a layers list")
+        descriptors = manifest.blobs
+    if data.get("subject") is not None:
+        descriptors = [*descriptors, data["subject"]]
+    for descriptor in descriptors:
+        if not isinstance(descriptor, dict) or not isinstance(descriptor.get("digest"), str):
+            raise ManifestInvalid("every descriptor needs a digest")
+        size = descriptor.get("size")
+        if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+            raise ManifestInvalid(f"descriptor {descriptor['digest'][:80]} needs a non-negative size")
+        try:
+            Digest.parse(descriptor["digest"])
+        except DigestInvalid as exc:
+            raise ManifestInvalid(f"descriptor has an invalid digest: {exc.message}") from exc

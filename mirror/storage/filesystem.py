@@ -1,0 +1,216 @@
+"""Blob store on a local file system: temp file, streaming digest, fsync, verify, ``os.replace``.
+
+A blob becomes visible only by the final rename, so a crash never leaves a partial blob in ``blobs/``.
+Writers live in ``uploads/<session>/`` and can be resumed by any process that shares the store.
+"""
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+from mirror.digest import HEX_LENGTHS, Digest, Hasher
+from mirror.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, StorageError, StoreFull
+from mirror.storage.paths import Layout
+
+CHUNK = 1 << 20
+
+
+def storage_error(exc: OSError) -> StorageError:
+    """The domain error for an OS error raised while writing the store."""
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return StoreFull("no space left in the store")
+    return StorageError(f"store write failed: {exc.strerror or exc}")
+
+
+def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
+    """Replace ``path`` with ``data`` so readers see the old or the new content, never a mix."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex}.tmp")
+    try:
+        with open(temp, "wb") as file:
+            file.write(data)
+            if durable:
+                file.flush()
+                os.fsync(file.fileno())
+        os.replace(temp, path)
+    except OSError as exc:
+        with contextlib.suppress(OSError):
+            temp.unlink()
+        raise storage_error(exc) from exc
+
+
+def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
+    """A hasher fed with the whole content of ``path``."""
+    hasher = Hasher(algorithm)
+    with open(path, "rb") as file:
+        while chunk := file.read(CHUNK):
+            hasher.update(chunk)
+    return hasher
+
+
+class FileBlobWriter:
+    """A resumable upload backed by ``uploads/<session>/data``."""
+
+    def __init__(self, store: FilesystemBlobStore, session: str, hasher: Hasher | None):
+        self.id = session
+        self._store = store
+        self._folder = store.layout.session(session)
+        self._data = self._folder / "data"
+        self._file = open(self._data, "ab")  # noqa: SIM115 - owned until close/commit/cancel
+        self.size = self._file.tell()
+        self._hasher = hasher if hasher is not None and hasher.size == self.size else None
+
+    def write(self, data: bytes) -> None:
+        """Append ``data``."""
+        try:
+            self._file.write(data)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self.size += len(data)
+        if self._hasher is not None:
+            self._hasher.update(data)
+
+    def close(self) -> None:
+        """Flush and keep the session for a later request."""
+        if not self._file.closed:
+            try:
+                self._file.close()
+            except OSError as exc:
+                raise storage_error(exc) from exc
+        self._store.remember(self.id, self._hasher)
+
+    def commit(self, expected: Digest | None = None) -> Digest:
+        """Verify, fsync and rename into ``blobs/``; on a mismatch the session is kept and DigestInvalid raised."""
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        algorithm = expected.algorithm if expected else "sha256"
+        hasher = self._hasher if self._hasher and self._hasher.algorithm == algorithm else None
+        actual = (hasher or hash_file(self._data, algorithm)).digest()
+        if expected is not None and actual != expected:
+            self._store.remember(self.id, self._hasher)
+            raise DigestInvalid(f"content digest {actual} does not match {expected}",
+                                detail={"expected": str(expected), "actual": str(actual)})
+        target = self._store.layout.blob(actual)
+        try:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self._data, target)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self._store.forget(self.id)
+        shutil.rmtree(self._folder, ignore_errors=True)
+        return actual
+
+    def cancel(self) -> None:
+        """Delete the session and its bytes."""
+        with contextlib.suppress(OSError):
+            self._file.close()
+        self._store.forget(self.id)
+        shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class FilesystemBlobStore:
+    """The BlobStore on a local directory tree laid out by ``Layout``."""
+
+    def __init__(self, root: Path):
+        self.layout = Layout(root)
+        self._hashers: dict[str, Hasher] = {}
+        for folder in (self.layout.blobs, self.layout.uploads, self.layout.repositories, self.layout.state):
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def stat(self, digest: Digest) -> int | None:
+        """The size of ``digest``, or None when absent."""
+        try:
+            return os.stat(self.layout.blob(digest)).st_size
+        except OSError:
+            return None
+
+    def open(self, digest: Digest, offset: int = 0) -> BinaryIO:
+        """The blob's file positioned at ``offset``."""
+        try:
+            file = open(self.layout.blob(digest), "rb")  # noqa: SIM115 - the caller closes it
+        except OSError as exc:
+            raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)}) from exc
+        if offset:
+            file.seek(offset)
+        return file
+
+    def read(self, digest: Digest) -> bytes:
+        """The whole blob; for small blobs such as manifests and configs."""
+        with self.open(digest) as file:
+            return file.read()
+
+    def writer(self, session: str | None = None, repository: str | None = None) -> FileBlobWriter:
+        """A new writer (recording ``repository``), or the resumed writer of ``session``."""
+        if session is None:
+            session = uuid.uuid4().hex
+            folder = self.layout.session(session)
+            try:
+                folder.mkdir(parents=True)
+                if repository:
+                    (folder / "repository").write_text(repository)
+            except OSError as exc:
+                raise storage_error(exc) from exc
+        elif not self.layout.session(session).is_dir():
+            raise BlobUploadUnknown(f"upload {session} is unknown or expired", detail={"session": session})
+        try:
+            return FileBlobWriter(self, session, self._hashers.pop(session, None))
+        except FileNotFoundError as exc:
+            raise BlobUploadUnknown(f"upload {session} is unknown or expired") from exc
+        except OSError as exc:
+            raise storage_error(exc) from exc
+
+    def session_repository(self, session: str) -> str | None:
+        """The repository an upload session was opened for, or None when the session is unknown."""
+        try:
+            return (self.layout.session(session) / "repository").read_text()
+        except OSError:
+            return None
+
+    def session_size(self, session: str) -> int:
+        """How many bytes an upload session holds."""
+        try:
+            return os.stat(self.layout.session(session) / "data").st_size
+        except FileNotFoundError:
+            if self.layout.session(session).is_dir():
+                return 0
+            raise BlobUploadUnknown(f"upload {session} is unknown or expired") from None
+
+    def sessions(self) -> Iterator[tuple[str, float]]:
+        """Every upload session with the time it was last written."""
+        for folder in self.layout.uploads.iterdir():
+            with contextlib.suppress(OSError):
+                data = folder / "data"
+                yield folder.name, (data if data.exists() else folder).stat().st_mtime
+
+    def remember(self, session: str, hasher: Hasher | None) -> None:
+        """Keep a session's running hash so the next chunk need not rehash the file."""
+        if hasher is not None:
+            self._hashers[session] = hasher
+
+    def forget(self, session: str) -> None:
+        """Drop a session's running hash."""
+        self._hashers.pop(session, None)
+
+    def delete(self, digest: Digest) -> None:
+        """Remove the blob's bytes."""
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.blob(digest).unlink()
+
+    def iter(self) -> Iterator[Digest]:
+        """Every blob in the store."""
+        for algorithm, length in HEX_LENGTHS.items():
+            base = self.layout.blobs / algorithm
+            if base.is_dir():
+                for path in base.glob("??/*"):
+                    if len(path.name) == length and not path.name.startswith("."):
+                        yield Digest(algorithm, path.name)

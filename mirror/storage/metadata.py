@@ -1,0 +1,165 @@
+"""Repository metadata: which blobs and manifests each repository links, its tags and its referrers.
+
+Kept apart from blob bytes, as small files written atomically (see ``paths.py`` for the layout), so any
+number of processes sharing the store see a consistent view without a lock.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+from mirror.digest import HEX_LENGTHS, Digest
+from mirror.storage.filesystem import write_atomic
+from mirror.storage.paths import NAME_PATTERN, TAG_PATTERN, Layout
+
+MARKERS = ("_manifests", "_blobs", "_tags")
+
+
+class Metadata:
+    """Tags, links and referrers of every repository in one store."""
+
+    def __init__(self, root: Path):
+        self.layout = Layout(root)
+
+    # blobs
+    def link_blob(self, name: str, digest: Digest) -> None:
+        """Let ``name`` serve blob ``digest``."""
+        path = self.layout.blob_link(name, digest)
+        if not path.exists():
+            write_atomic(path, b"", durable=False)
+
+    def has_blob(self, name: str, digest: Digest) -> bool:
+        """Whether ``name`` links blob ``digest``."""
+        return self.layout.blob_link(name, digest).exists()
+
+    def unlink_blob(self, name: str, digest: Digest) -> bool:
+        """Stop ``name`` serving blob ``digest``; return whether it did."""
+        try:
+            self.layout.blob_link(name, digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    # manifests
+    def link_manifest(self, name: str, digest: Digest, media_type: str) -> None:
+        """Record manifest ``digest`` of ``media_type`` in ``name``."""
+        write_atomic(self.layout.manifest_link(name, digest), media_type.encode())
+
+    def manifest_media_type(self, name: str, digest: Digest) -> str | None:
+        """The media type of manifest ``digest`` in ``name``, or None when it has no such manifest."""
+        try:
+            return self.layout.manifest_link(name, digest).read_text()
+        except OSError:
+            return None
+
+    def unlink_manifest(self, name: str, digest: Digest) -> bool:
+        """Forget manifest ``digest`` in ``name`` and every tag pointing at it; return whether it was there."""
+        for tag in self.tags(name):
+            if self.resolve_tag(name, tag) == digest:
+                self.untag(name, tag)
+        try:
+            self.layout.manifest_link(name, digest).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def manifests(self, name: str) -> Iterator[Digest]:
+        """Every manifest digest linked in ``name``."""
+        yield from _digests_in(self.layout.manifests(name))
+
+    # tags
+    def tag(self, name: str, tag: str, digest: Digest) -> None:
+        """Point ``tag`` of ``name`` at ``digest``."""
+        write_atomic(self.layout.tag(name, tag), str(digest).encode())
+
+    def resolve_tag(self, name: str, tag: str) -> Digest | None:
+        """The digest ``tag`` of ``name`` points at, or None."""
+        try:
+            return Digest.parse(self.layout.tag(name, tag).read_text())
+        except (OSError, ValueError):
+            return None
+
+    def tag_mtime(self, name: str, tag: str) -> float | None:
+        """When ``tag`` of ``name`` was last written, or None when absent."""
+        try:
+            return os.stat(self.layout.tag(name, tag)).st_mtime
+        except OSError:
+            return None
+
+    def touch_tag(self, name: str, tag: str) -> None:
+        """Mark ``tag`` of ``name`` as confirmed now without changing it."""
+        with contextlib.suppress(OSError):
+            os.utime(self.layout.tag(name, tag))
+
+    def untag(self, name: str, tag: str) -> bool:
+        """Remove ``tag`` of ``name``; return whether it existed."""
+        try:
+            self.layout.tag(name, tag).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def tags(self, name: str) -> list[str]:
+        """The tags of ``name`` in lexical order."""
+        try:
+            entries = os.listdir(self.layout.tags(name))
+        except OSError:
+            return []
+        return sorted(tag for tag in entries if TAG_PATTERN.fullmatch(tag))
+
+    # repositories
+    def exists(self, name: str) -> bool:
+        """Whether ``name`` holds any content."""
+        return any((self.layout.repository(name) / marker).is_dir() for marker in MARKERS)
+
+    def repositories(self) -> list[str]:
+        """Every repository name in lexical order."""
+        found = []
+        for folder, subfolders, _ in os.walk(self.layout.repositories):
+            if any(marker in subfolders for marker in MARKERS):
+                name = Path(folder).relative_to(self.layout.repositories).as_posix()
+                if NAME_PATTERN.fullmatch(name):
+                    found.append(name)
+            subfolders[:] = [sub for sub in subfolders if not sub.startswith("_")]
+        return sorted(found)
+
+    def delete_repository(self, name: str) -> None:
+        """Remove every link, tag and referrer of ``name`` (blob bytes stay for the garbage collector)."""
+        for marker in (*MARKERS, "_referrers"):
+            shutil.rmtree(self.layout.repository(name) / marker, ignore_errors=True)
+
+    # referrers
+    def add_referrer(self, name: str, subject: Digest, digest: Digest, descriptor: dict[str, Any]) -> None:
+        """Record that manifest ``digest`` (described by ``descriptor``) refers to ``subject``."""
+        write_atomic(self.layout.referrer(name, subject, digest), json.dumps(descriptor).encode())
+
+    def remove_referrer(self, name: str, subject: Digest, digest: Digest) -> None:
+        """Forget that ``digest`` refers to ``subject``."""
+        with contextlib.suppress(FileNotFoundError):
+            self.layout.referrer(name, subject, digest).unlink()
+
+    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in ``name`` that refer to ``subject``."""
+        folder = self.layout.referrers(name, subject)
+        try:
+            entries = sorted(os.listdir(folder))
+        except OSError:
+            return []
+        found = []
+        for entry in entries:
+            with contextlib.suppress(OSError, ValueError):
+                found.append(json.loads((folder / entry).read_bytes()))
+        return found
+
+
+def _digests_in(folder: Path) -> Iterator[Digest]:
+    for algorithm, length in HEX_LENGTHS.items():
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(folder / algorithm):
+                if len(entry) == length:
+                    yield Digest(algorithm, entry)

@@ -1,0 +1,97 @@
+"""The on-disk layout of the store; the only code that builds paths inside it.
+
+    <root>/
+      blobs/<alg>/<hex[:2]>/<hex>                       blob bytes (layers, configs and manifests),
+                                                        immutable, shared by every repository
+      uploads/<session>/data                            bytes of an upload or a pull-through fetch
+      uploads/<session>/repository                      repository the upload belongs to
+      repositories/<name>/_blobs/<alg>/<hex>            empty file: the repository may serve this blob
+      repositories/<name>/_manifests/<alg>/<hex>        the manifest's media type: the repository has it
+      repositories/<name>/_tags/<tag>                   the digest the tag points at
+      repositories/<name>/_referrers/<alg>/<hex>/<alg>-<hex>
+                                                        descriptor JSON of a manifest whose subject is <hex>
+      state/                                            indexes and queues of other modules (cache, events)
+
+Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
+nested repository. Every argument is validated here: no caller can make a path leave the root.
+"""
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mirror.digest import Digest
+from mirror.errors import BlobUploadUnknown, NameInvalid, TagInvalid
+
+# OCI distribution-spec grammar for repository names and tags.
+NAME_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
+TAG_PATTERN = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
+SESSION_PATTERN = re.compile(r"[a-f0-9]{32}")
+MAX_NAME_LENGTH = 255
+
+
+def check_name(name: str) -> str:
+    """Return ``name`` if it is a valid repository name, else raise NameInvalid."""
+    if len(name) > MAX_NAME_LENGTH or not NAME_PATTERN.fullmatch(name):
+        raise NameInvalid(f"invalid repository name {name[:300]!r}", detail={"name": name[:300]})
+    return name
+
+
+def check_tag(tag: str) -> str:
+    """Return ``tag`` if it is a valid tag, else raise TagInvalid."""
+    if not TAG_PATTERN.fullmatch(tag):
+        raise TagInvalid(f"invalid tag {tag[:200]!r}", detail={"tag": tag[:200]})
+    return tag
+
+
+class Layout:
+    """Paths of everything under one store root."""
+
+    def __init__(self, root: Path):
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.uploads = self.root / "uploads"
+        self.repositories = self.root / "repositories"
+        self.state = self.root / "state"
+
+    def blob(self, digest: Digest) -> Path:
+        """Where the bytes of ``digest`` live."""
+        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+
+    def session(self, session: str) -> Path:
+        """The folder of an upload or fetch session."""
+        if not SESSION_PATTERN.fullmatch(session):
+            raise BlobUploadUnknown(f"unknown upload {session[:100]!r}")
+        return self.uploads / session
+
+    def repository(self, name: str) -> Path:
+        """The metadata folder of repository ``name``."""
+        return self.repositories / check_name(name)
+
+    def blob_link(self, name: str, digest: Digest) -> Path:
+        """The file whose presence lets ``name`` serve blob ``digest``."""
+        return self.repository(name) / "_blobs" / digest.algorithm / digest.hex
+
+    def manifest_link(self, name: str, digest: Digest) -> Path:
+        """The file that records manifest ``digest`` in ``name`` with its media type."""
+        return self.repository(name) / "_manifests" / digest.algorithm / digest.hex
+
+    def manifests(self, name: str) -> Path:
+        """The folder of manifest links of ``name``."""
+        return self.repository(name) / "_manifests"
+
+    def tags(self, name: str) -> Path:
+        """The folder of tags of ``name``."""
+        return self.repository(name) / "_tags"
+
+    def tag(self, name: str, tag: str) -> Path:
+        """The file that holds the digest tag ``tag`` of ``name`` points at."""
+        return self.tags(name) / check_tag(tag)
+
+    def referrers(self, name: str, subject: Digest) -> Path:
+        """The folder of referrer descriptors of ``subject`` in ``name``."""
+        return self.repository(name) / "_referrers" / subject.algorithm / subject.hex
+
+    def referrer(self, name: str, subject: Digest, digest: Digest) -> Path:
+        """The descriptor file of referrer ``digest`` of ``subject`` in ``name``."""
+        return self.referrers(name, subject) / f"{digest.algorithm}-{digest.hex}"
