@@ -88,6 +88,7 @@ class Config:
     upstreams: tuple[Upstream, ...] = (Upstream(DOCKER_HUB, DOCKER_HUB_URL),)
     default_upstream: str | None = DOCKER_HUB
     workers: int = 1
+    trusted_keys: tuple[Path, ...] = ()
     source: str = "embedded defaults"
 
     @property
@@ -128,7 +129,7 @@ def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    known = {"listen", "storage", "upstreams", "default_upstream", "workers"}
+    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -152,7 +153,9 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         workers = 0
     if not 1 <= workers <= 64:
         raise ConfigError("workers", "must be a whole number from 1 to 64")
-    return Config(listen, storage, upstreams, default, workers, source)
+    keys = _list(raw.get("trusted_keys"), "trusted_keys")
+    trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
+    return Config(listen, storage, upstreams, default, workers, trusted_keys, source)
 
 
 def _listen(value: Any) -> str:
@@ -177,6 +180,12 @@ def _storage(raw: Any) -> Storage:
         max_cache_size=None if max_size is None else parse_size(max_size, "storage.max_cache_size"),
         upload_expiry=parse_duration(raw.get("upload_expiry", Storage.upload_expiry), "storage.upload_expiry"),
     )
+
+
+def _trusted_key(index: int, value: Any) -> Path:
+    if not isinstance(value, str) or not value:
+        raise ConfigError(f"trusted_keys[{index}]", "must be the path of an Ed25519 public key file")
+    return Path(value)
 
 
 def _list(value: Any, key: str) -> list[Any]:

@@ -11,6 +11,9 @@
       repositories/<name>/_referrers/<alg>/<hex>/<alg>-<hex>
                                                         descriptor JSON of a manifest whose subject is <hex>
       state/                                            indexes and queues of other modules (cache, events)
+      state/pins/<alg>/<hex>                            empty file: blob pinned (imported), never evicted
+      state/imports/<key>/                              a bundle import's staging store (blobs verified, not
+                                                        yet moved into blobs/); kept so a rerun resumes
 
 Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
 nested repository. Every argument is validated here: no caller can make a path leave the root.
@@ -21,7 +24,7 @@ import re
 from pathlib import Path
 
 from mirror.digest import Digest
-from mirror.errors import BlobUploadUnknown, NameInvalid, TagInvalid
+from mirror.errors import BlobUploadUnknown, NameInvalid, StorageError, TagInvalid
 
 # OCI distribution-spec grammar for repository names and tags.
 NAME_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
@@ -53,6 +56,7 @@ class Layout:
         self.uploads = self.root / "uploads"
         self.repositories = self.root / "repositories"
         self.state = self.root / "state"
+        self.pins = self.state / "pins"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
@@ -87,6 +91,16 @@ class Layout:
     def tag(self, name: str, tag: str) -> Path:
         """The file that holds the digest tag ``tag`` of ``name`` points at."""
         return self.tags(name) / check_tag(tag)
+
+    def pin(self, digest: Digest) -> Path:
+        """The file whose presence pins blob ``digest`` against eviction."""
+        return self.pins / digest.algorithm / digest.hex
+
+    def import_staging(self, key: str) -> Path:
+        """The staging store root of the bundle import identified by ``key`` (hex)."""
+        if not SESSION_PATTERN.fullmatch(key):
+            raise StorageError(f"invalid import key {key[:100]!r}")
+        return self.state / "imports" / key
 
     def referrers(self, name: str, subject: Digest) -> Path:
         """The folder of referrer descriptors of ``subject`` in ``name``."""
