@@ -1,0 +1,70 @@
+"""Shared fixtures: a real ``mirror serve`` process for the API tests, and the real peers."""
+from __future__ import annotations
+
+import pytest
+
+from tests.peers import Containerd, Dockerd, MirrorProcess, Podman, Skopeo
+
+
+@pytest.fixture(scope="session")
+def hosted_mirror(tmp_path_factory):
+    """One purely hosted mirror (no upstreams) shared by the API tests."""
+    workdir = tmp_path_factory.mktemp("hosted-mirror")
+    server = MirrorProcess(workdir, {"storage": {"root": str(workdir / "store")}, "upstreams": []})
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def mirror_url(hosted_mirror):
+    """Base URL of the shared hosted mirror."""
+    return hosted_mirror.url
+
+
+@pytest.fixture
+def mirror_root(hosted_mirror, tmp_path_factory):
+    """Store root of the shared hosted mirror."""
+    return hosted_mirror.workdir / "store"
+
+
+@pytest.fixture(scope="session")
+def dockerd_daemon(tmp_path_factory):
+    """One private dockerd for the whole run (use the ``dockerd`` fixture in tests)."""
+    with Dockerd(tmp_path_factory.mktemp("dockerd")) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def dockerd(dockerd_daemon):
+    """The shared dockerd, left with no images and no extra daemon.json keys after the test."""
+    yield dockerd_daemon
+    if dockerd_daemon.daemon_json:
+        dockerd_daemon.configure({})
+    dockerd_daemon.remove_all_images()
+
+
+@pytest.fixture(scope="session")
+def containerd_daemon(tmp_path_factory):
+    """One private containerd for the whole run (use the ``containerd`` fixture in tests)."""
+    with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
+        yield daemon
+
+
+@pytest.fixture
+def containerd(containerd_daemon, request):
+    """The shared containerd, switched to a fresh namespace so every test pulls cold."""
+    containerd_daemon.namespace = f"test-{id(request)}"
+    return containerd_daemon
+
+
+@pytest.fixture
+def podman(tmp_path):
+    """A podman with its own storage and registries.conf."""
+    with Podman(tmp_path / "podman") as client:
+        yield client
+
+
+@pytest.fixture
+def skopeo(tmp_path):
+    """skopeo with an accept-all policy and its own auth file."""
+    return Skopeo(tmp_path / "skopeo")
