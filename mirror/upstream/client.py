@@ -1,0 +1,184 @@
+"""The HTTP client of one upstream registry: ping, manifests, streamed blobs; failures as typed errors.
+
+One pooled ``httpx.AsyncClient`` per upstream (plus one for its token realm). Repository names are the
+upstream's own (``library/alpine``); callers validate names and references, the client does not route.
+Bodies are asked for without content coding (``Accept-Encoding: identity``) and the bytes received are
+checked against ``Content-Length``: a short body is UpstreamUnavailable, a longer one UpstreamInvalid.
+Manifests are checked against their digest here; blob digests are the caller's to verify (the store's
+writer does). Blob GETs follow redirects to blob storage without the registry's ``Authorization``
+(see ``auth.py``); descriptor ``urls`` are never followed. Errors and their ``detail``: see ``status.py``.
+"""
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import httpx
+
+from mirror.config import Upstream
+from mirror.digest import Digest
+from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamUnavailable
+from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
+from mirror.upstream.auth import RegistryAuth
+from mirror.upstream.status import detail, raise_for_status, translated
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
+USER_AGENT = "mirror-appliance/0.1"
+_ACCEPT = {"Accept": MANIFEST_ACCEPT}
+_CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
+
+
+class BlobStream:
+    """An upstream blob being received: its status, total size and bytes from the requested offset on."""
+
+    def __init__(self, response: httpx.Response, offset: int, what: str):
+        self.status = response.status_code
+        self.offset = offset
+        self._response = response
+        self._what = what
+        self._skip = 0
+        if self.status == 206:
+            match = _CONTENT_RANGE.fullmatch(response.headers.get("content-range", ""))
+            if not match or int(match[1]) != offset:
+                raise UpstreamInvalid(f"{what}: asked for bytes from {offset}, got "
+                                      f"{response.headers.get('content-range')!r}", detail(206))
+            self.size = None if match[2] == "*" else int(match[2])
+        else:
+            self._skip = offset  # the upstream ignored the Range header and sends everything
+            self.size = _content_length(response)
+
+    async def aiter(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
+        """The bytes from ``offset`` to the end, in chunks of ``chunk_size`` (default: as they arrive)."""
+        skip = self._skip
+        async for chunk in _checked_body(self._response, self._what, chunk_size):
+            if skip:
+                if len(chunk) <= skip:
+                    skip -= len(chunk)
+                    continue
+                chunk, skip = chunk[skip:], 0
+            yield chunk
+
+
+class UpstreamClient:
+    """Talks to one upstream registry; raises only UpstreamError subclasses (and DigestInvalid)."""
+
+    def __init__(self, upstream: Upstream, transport: httpx.AsyncBaseTransport | None = None, *,
+                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, clock: Callable[[], float] = time.time):
+        self.upstream = upstream
+        options = {"transport": transport, "timeout": timeout, "limits": DEFAULT_LIMITS, "trust_env": False,
+                   "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
+        self._token_http = httpx.AsyncClient(**options)
+        self._http = httpx.AsyncClient(base_url=upstream.url, follow_redirects=True,
+                                       auth=RegistryAuth(upstream, self._token_http, clock), **options)
+
+    async def ping(self) -> None:
+        """Check that the upstream answers ``/v2/`` (authenticating if it asks to)."""
+        async with self._send("GET", "/v2/", f"ping {self.upstream.url}"):
+            pass
+
+    async def head_manifest(self, repo: str, reference: str) -> tuple[Digest, str, int]:
+        """Digest, media type and size of a manifest, by tag or digest, without fetching it."""
+        what = _manifest_what(repo, reference)
+        async with self._send("HEAD", f"/v2/{repo}/manifests/{reference}", what, _ACCEPT) as response:
+            claimed = _claimed_digest(response, what)
+            size = _content_length(response)
+            media_type = _media_type(response, what)
+        if claimed is None or size is None:  # not every registry says on HEAD: ask with a GET
+            body, media_type, digest = await self.get_manifest(repo, reference)
+            return digest, media_type, len(body)
+        expected = _reference_digest(reference)
+        if expected is not None and claimed != expected:
+            raise UpstreamInvalid(f"{what}: upstream says its digest is {claimed}", detail(200))
+        return claimed, media_type, size
+
+    async def get_manifest(self, repo: str, reference: str) -> tuple[bytes, str, Digest]:
+        """Body, media type and digest of a manifest by tag or digest, verified, at most 4 MiB."""
+        what = _manifest_what(repo, reference)
+        async with self._send("GET", f"/v2/{repo}/manifests/{reference}", what, _ACCEPT) as response:
+            media_type = _media_type(response, what)
+            expected = _reference_digest(reference) or _claimed_digest(response, what)
+            size = _content_length(response)
+            if size is not None and size > MAX_MANIFEST_SIZE:
+                raise UpstreamInvalid(f"{what}: manifest of {size} bytes is over the limit", detail(200))
+            body = bytearray()
+            async for chunk in _checked_body(response, what):
+                body += chunk
+                if len(body) > MAX_MANIFEST_SIZE:
+                    raise UpstreamInvalid(f"{what}: manifest is over the size limit", detail(200))
+        digest = Digest.of(bytes(body), expected.algorithm if expected else "sha256")
+        if expected is not None and digest != expected:
+            raise UpstreamInvalid(f"{what}: body has digest {digest}, expected {expected}", detail(200))
+        return bytes(body), media_type, digest
+
+    @asynccontextmanager
+    async def stream_blob(self, repo: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobStream]:
+        """Open a blob for streaming from ``offset`` on; the connection is released on leaving the block."""
+        headers = {"Range": f"bytes={offset}-"} if offset else {}
+        what = f"blob {repo}@{digest}"
+        async with self._send("GET", f"/v2/{repo}/blobs/{digest}", what, headers) as response:
+            yield BlobStream(response, offset, what)
+
+    async def close(self) -> None:
+        """Close the pooled connections."""
+        await self._http.aclose()
+        await self._token_http.aclose()
+
+    @asynccontextmanager
+    async def _send(self, method: str, path: str, what: str,
+                    headers: dict[str, str] | None = None) -> AsyncIterator[httpx.Response]:
+        with translated(what):
+            response = await self._http.send(self._http.build_request(method, path, headers=headers),
+                                             stream=True)
+        try:
+            raise_for_status(response, what)
+            yield response
+        finally:
+            await response.aclose()
+
+
+async def _checked_body(response: httpx.Response, what: str, chunk_size: int | None = None,
+                        ) -> AsyncIterator[bytes]:
+    """The body, its bytes on the wire checked against Content-Length when the upstream gave one."""
+    expected = _content_length(response)
+    with translated(what):
+        async for chunk in response.aiter_bytes(chunk_size):
+            if expected is not None and response.num_bytes_downloaded > expected:
+                raise UpstreamInvalid(f"{what}: more bytes than the {expected} announced", detail(200))
+            yield chunk
+    if expected is not None and response.num_bytes_downloaded < expected:
+        raise UpstreamUnavailable(f"{what}: body truncated at {response.num_bytes_downloaded} of {expected} "
+                                  "bytes", detail(response.status_code))
+
+
+def _content_length(response: httpx.Response) -> int | None:
+    value = response.headers.get("content-length", "")
+    return int(value) if value.isdigit() else None
+
+
+def _media_type(response: httpx.Response, what: str) -> str:
+    media_type = response.headers.get("content-type", "").partition(";")[0].strip()
+    if not media_type:
+        raise UpstreamInvalid(f"{what}: upstream sent no Content-Type", detail(response.status_code))
+    return media_type
+
+
+def _claimed_digest(response: httpx.Response, what: str) -> Digest | None:
+    value = response.headers.get("docker-content-digest")
+    if value is None:
+        return None
+    try:
+        return Digest.parse(value.strip())
+    except DigestInvalid as exc:
+        raise UpstreamInvalid(f"{what}: malformed digest {value[:100]!r}", detail(200)) from exc
+
+
+def _reference_digest(reference: str) -> Digest | None:
+    return Digest.parse(reference) if Digest.is_digest(reference) else None
+
+
+def _manifest_what(repo: str, reference: str) -> str:
+    return f"manifest {repo}{'@' if Digest.is_digest(reference) else ':'}{reference}"
