@@ -1,0 +1,657 @@
+"""Real peers for tests: registries, a token server, dockerd, containerd, podman, skopeo and the mirror.
+
+Each server listens on a free 127.0.0.1 port (or its own unix socket), keeps its files and its log in a work
+directory and is stopped by its own process id. A startup failure raises PeerError with the log's last lines.
+"""
+from __future__ import annotations
+
+import base64
+import datetime
+import json
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import IO, Any, Self
+from urllib.parse import parse_qs, urlsplit
+
+import httpx
+import pytest
+import yaml
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
+from cryptography.x509.oid import NameOID
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DOCKER_CLIENT = "/usr/bin/docker"  # the client matching dockerd 20.10; /usr/local/bin/docker may be newer
+_PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
+
+
+class PeerError(RuntimeError):
+    """A peer did not start, or a command run against a peer failed."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def require(program: str) -> str:
+    """The path of ``program``; skip the test if it is missing, or fail it when CI=true."""
+    path = program if os.path.isabs(program) else shutil.which(
+        program, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
+    if path and os.access(path, os.X_OK):
+        return path
+    reason = f"{program} is not installed (tools/test installs it)"
+    if os.environ.get("CI") == "true":
+        pytest.fail(reason, pytrace=False)
+    pytest.skip(reason)
+
+
+def wait_until(probe: Callable[[], bool], timeout: float, what: str,
+               alive: Callable[[], bool] = lambda: True) -> None:
+    """Poll ``probe`` until true; raise PeerError after ``timeout`` seconds or once ``alive`` is false."""
+    deadline = time.monotonic() + timeout
+    while not probe():
+        if not alive():
+            raise PeerError(f"exited while waiting for {what}")
+        if time.monotonic() > deadline:
+            raise PeerError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def http_response(url: str, transport: httpx.HTTPTransport | None = None) -> httpx.Response | None:
+    """The answer to ``GET url`` (TLS unverified), or None while nothing answers there."""
+    try:
+        with httpx.Client(verify=False, timeout=2, transport=transport) as client:
+            return client.get(url)
+    except httpx.TransportError:
+        return None
+
+
+def wait_for_http(url: str, timeout: float = 30.0,
+                  alive: Callable[[], bool] = lambda: True) -> httpx.Response:
+    """Wait until ``url`` answers with any HTTP status and return that response."""
+    wait_until(lambda: http_response(url) is not None, timeout, f"{url} to answer", alive)
+    response = http_response(url)
+    assert response is not None
+    return response
+
+
+def peer_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """This process's environment without proxy settings (peers only talk to loopback), plus ``extra``."""
+    environ = {key: value for key, value in os.environ.items() if key.lower() not in _PROXY_VARIABLES}
+    return {**environ, **(extra or {})}
+
+
+def run(argv: Sequence[str], env: Mapping[str, str] | None = None, check: bool = True,
+        input: str | None = None, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+    """Run a peer command; raise PeerError with its output when it fails and ``check`` is set."""
+    result = subprocess.run(list(argv), env=peer_environ(env), input=input, capture_output=True, text=True,
+                            timeout=timeout, check=False)
+    if check and result.returncode != 0:
+        raise PeerError(f"{' '.join(argv)} exited {result.returncode}\n{result.stderr}{result.stdout}")
+    return result
+
+
+def short_tempdir(prefix: str) -> Path:
+    """A new directory with a short path under /tmp, for unix sockets (paths are limited to 108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix=prefix, dir="/tmp"))
+
+
+class PeerProcess:
+    """A long-running peer program with its own log file in ``workdir``, stopped by its own pid."""
+
+    name = "peer"
+    stop_timeout = 15.0
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.log_path = self.workdir / f"{self.name}.log"
+        self._process: subprocess.Popen[bytes] | None = None
+        self._log_file: IO[bytes] | None = None
+
+    def start(self) -> Self:
+        """Start the peer and wait until it serves; raise PeerError with its log tail if it does not."""
+        raise NotImplementedError
+
+    @property
+    def pid(self) -> int:
+        """The process id of the running peer."""
+        assert self._process is not None, f"{self.name} is not running"
+        return self._process.pid
+
+    def running(self) -> bool:
+        """Whether the peer process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    def send_signal(self, signum: int) -> None:
+        """Send ``signum`` to the peer process."""
+        assert self._process is not None, f"{self.name} is not running"
+        self._process.send_signal(signum)
+
+    def stop(self) -> None:
+        """Terminate the peer by its pid, killing it if it does not exit within ``stop_timeout``."""
+        if self._process is not None:
+            if self._process.poll() is None:
+                self._process.terminate()
+                try:
+                    self._process.wait(self.stop_timeout)
+                except subprocess.TimeoutExpired:
+                    self._process.kill()
+                    self._process.wait()
+            self._process = None
+        if self._log_file is not None:
+            self._log_file.close()
+            self._log_file = None
+
+    def log(self) -> str:
+        """Everything the peer wrote to stdout and stderr so far."""
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def log_tail(self, lines: int = 40) -> str:
+        """The last ``lines`` lines of the log."""
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def error(self, message: str) -> PeerError:
+        """A PeerError naming this peer, with the tail of its log."""
+        return PeerError(f"{self.name}: {message}\n--- last lines of {self.log_path} ---\n{self.log_tail()}")
+
+    def wait_until(self, probe: Callable[[], bool], what: str, timeout: float = 60.0) -> None:
+        """Wait for ``probe`` while the peer lives; on failure stop it and raise with its log tail."""
+        try:
+            wait_until(probe, timeout, what, alive=self.running)
+        except PeerError as exc:
+            self.stop()
+            raise self.error(str(exc)) from None
+
+    def _spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
+               cwd: str | Path | None = None) -> None:
+        if self.running():
+            raise PeerError(f"{self.name} is already running")
+        self._log_file = self.log_path.open("ab")
+        self._log_file.write(f"--- {self.name}: {' '.join(map(str, argv))}\n".encode())
+        self._log_file.flush()
+        self._process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=self._log_file,
+                                         stderr=subprocess.STDOUT, env=peer_environ(env), cwd=cwd,
+                                         start_new_session=True)
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+@dataclass(frozen=True)
+class TokenRequest:
+    """One request the token server answered: who asked, for what, what it granted."""
+
+    account: str | None
+    scopes: tuple[str, ...]
+    access: tuple[dict[str, Any], ...]
+    status: int
+    expires: int | None
+    token: str | None
+
+
+class TokenServer:
+    """A Docker-Hub-like token endpoint: anonymous pull of public repositories, credentials for private."""
+
+    issuer = "test-token-issuer"
+
+    def __init__(self, workdir: str | Path, username: str = "alice", password: str = "secret",
+                 ttl: int = 300, service: str = "test-registry"):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.username, self.password, self.ttl, self.service = username, password, ttl, service
+        self.requests: list[TokenRequest] = []
+        self.cert_path = self.workdir / "token-signer.crt"
+        self._key = ec.generate_private_key(ec.SECP256R1())
+        self._certificate = _self_signed_certificate(self._key)
+        self.cert_path.write_bytes(self._certificate.public_bytes(serialization.Encoding.PEM))
+        self._server: ThreadingHTTPServer | None = None
+
+    @property
+    def url(self) -> str:
+        """The base URL of the running server."""
+        assert self._server is not None, "token server is not running"
+        return f"http://127.0.0.1:{self._server.server_address[1]}"
+
+    @property
+    def realm(self) -> str:
+        """The token endpoint registries send clients to."""
+        return f"{self.url}/token"
+
+    def start(self) -> TokenServer:
+        """Listen on a free loopback port, serving from a background thread."""
+        self._server = ThreadingHTTPServer(("127.0.0.1", 0), _token_handler(self))
+        self._server.daemon_threads = True
+        threading.Thread(target=self._server.serve_forever, name="token-server", daemon=True).start()
+        return self
+
+    def stop(self) -> None:
+        """Stop serving and close the listening socket."""
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None
+
+    def grant(self, account: str | None, scope: str) -> dict[str, Any] | None:
+        """The access entry a token for ``scope`` carries, or None for a scope it cannot name."""
+        kind, _, rest = scope.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if not name:
+            return None
+        requested = [action for action in actions.split(",") if action]
+        if account is not None:
+            allowed = requested
+        elif kind == "repository" and "private" not in name:
+            allowed = [action for action in requested if action == "pull"]
+        else:
+            allowed = []
+        return {"type": kind, "name": name, "actions": allowed}
+
+    def issue(self, account: str | None, scopes: Sequence[str]) -> TokenRequest:
+        """Sign a token for ``account`` (None: anonymous) and record it."""
+        now = int(time.time())
+        access = tuple(entry for entry in (self.grant(account, scope) for scope in scopes) if entry)
+        claims = {"iss": self.issuer, "sub": account or "", "aud": self.service, "exp": now + self.ttl,
+                  "nbf": now - 10, "iat": now, "jti": uuid.uuid4().hex, "access": list(access)}
+        certificate = base64.b64encode(self._certificate.public_bytes(serialization.Encoding.DER)).decode()
+        header = {"typ": "JWT", "alg": "ES256", "x5c": [certificate]}
+        signing_input = f"{_b64url(json.dumps(header).encode())}.{_b64url(json.dumps(claims).encode())}"
+        r, s = decode_dss_signature(self._key.sign(signing_input.encode(), ec.ECDSA(hashes.SHA256())))
+        token = f"{signing_input}.{_b64url(r.to_bytes(32, 'big') + s.to_bytes(32, 'big'))}"
+        record = TokenRequest(account, tuple(scopes), access, 200, claims["exp"], token)
+        self.requests.append(record)
+        return record
+
+    def authenticate(self, authorization: str | None) -> tuple[bool, str | None]:
+        """Check a Basic ``Authorization`` header: (valid, account); no header is valid and anonymous."""
+        if not authorization:
+            return True, None
+        scheme, _, encoded = authorization.partition(" ")
+        try:
+            username, _, password = base64.b64decode(encoded).decode().partition(":")
+        except ValueError:
+            return False, None
+        valid = scheme.lower() == "basic" and (username, password) == (self.username, self.password)
+        return valid, username if valid else None
+
+    def __enter__(self) -> TokenServer:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+
+def _token_handler(server: TokenServer) -> type[BaseHTTPRequestHandler]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
+            url = urlsplit(self.path)
+            if url.path != "/token":
+                return self._reply(404, {"details": "not found"})
+            scopes = [scope for value in parse_qs(url.query).get("scope", []) for scope in value.split(" ")]
+            valid, account = server.authenticate(self.headers.get("Authorization"))
+            if not valid:
+                server.requests.append(TokenRequest(None, tuple(scopes), (), 401, None, None))
+                return self._reply(401, {"details": "incorrect username or password"})
+            record = server.issue(account, scopes)
+            issued = datetime.datetime.fromtimestamp(record.expires - server.ttl, datetime.UTC)
+            self._reply(200, {"token": record.token, "access_token": record.token, "expires_in": server.ttl,
+                              "issued_at": issued.isoformat().replace("+00:00", "Z")})
+
+        def _reply(self, status: int, body: dict[str, Any]) -> None:
+            data = json.dumps(body).encode()
+            self.send_response(status)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(data)))
+            self.end_headers()
+            self.wfile.write(data)
+
+        def log_message(self, format: str, *args: Any) -> None:
+            """Requests are recorded in ``TokenServer.requests`` instead."""
+
+    return Handler
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _self_signed_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TokenServer.issuer)])
+    now = datetime.datetime.now(datetime.UTC)
+    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=30))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+            .sign(key, hashes.SHA256()))
+
+
+@dataclass(frozen=True)
+class AccessLogLine:
+    """One request from the Distribution registry's access log."""
+
+    method: str
+    path: str
+    status: int
+
+
+_ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
+
+
+class DistributionRegistry(PeerProcess):
+    """The reference Distribution registry (docker-registry 2.8) with filesystem storage in ``workdir``."""
+
+    name = "docker-registry"
+
+    def __init__(self, workdir: str | Path, auth: TokenServer | None = None,
+                 proxy_remote_url: str | None = None, username: str | None = None,
+                 password: str | None = None):
+        super().__init__(workdir)
+        self.auth, self.proxy_remote_url = auth, proxy_remote_url
+        self.username, self.password = username, password
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.url = f"http://{self.host}"
+        self.config_path = self.workdir / "config.yml"
+
+    def config(self) -> dict[str, Any]:
+        """The registry's configuration as written to config.yml."""
+        config: dict[str, Any] = {
+            "version": 0.1,
+            "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
+            "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")},
+                        "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
+            "http": {"addr": self.host, "secret": uuid.uuid4().hex},
+        }
+        if self.auth is not None:
+            config["auth"] = {"token": {"realm": self.auth.realm, "service": self.auth.service,
+                                        "issuer": self.auth.issuer,
+                                        "rootcertbundle": str(self.auth.cert_path)}}
+        if self.proxy_remote_url is not None:
+            config["proxy"] = {"remoteurl": self.proxy_remote_url}
+            if self.username is not None:
+                config["proxy"].update(username=self.username, password=self.password)
+        return config
+
+    def start(self) -> DistributionRegistry:
+        """Write config.yml, start ``docker-registry serve`` and wait until ``/v2/`` answers."""
+        program = require("/usr/bin/docker-registry")
+        self.config_path.write_text(yaml.safe_dump(self.config()))
+        self._spawn([program, "serve", str(self.config_path)])
+        self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
+        return self
+
+    def requests(self) -> list[AccessLogLine]:
+        """Every request logged so far, in log order, after the requests made before this call are logged."""
+        marker = uuid.uuid4().hex
+        httpx.get(f"{self.url}/v2/", params={"sync": marker}, timeout=10)
+        self.wait_until(lambda: marker in self.log(), "the access log to catch up", timeout=10)
+        return [AccessLogLine(match["method"], match["path"], int(match["status"]))
+                for match in map(_ACCESS_LINE.search, self.log().splitlines())
+                if match and "sync=" not in match["path"]]
+
+    def count_requests(self, method: str, path_substring: str, status: int | None = None) -> int:
+        """How many ``method`` requests with ``path_substring`` in their path (answered ``status``) it got."""
+        return sum(1 for line in self.requests() if line.method == method and path_substring in line.path
+                   and status in (None, line.status))
+
+
+class Dockerd(PeerProcess):
+    """A private dockerd: vfs storage, no bridge, no iptables, its own data-root, socket and containerd.
+
+    It is given a Containerd of its own: one it started itself would create /opt/containerd (``opt`` plugin).
+    """
+
+    name = "dockerd"
+    stop_timeout = 30.0
+    base_config: Mapping[str, Any] = {"iptables": False, "bridge": "none", "storage-driver": "vfs"}
+
+    def __init__(self, workdir: str | Path, daemon_json: Mapping[str, Any] | None = None):
+        super().__init__(workdir)
+        self.daemon_json = dict(daemon_json or {})
+        self.runtime_dir = short_tempdir("dockerd-")
+        self.socket = self.runtime_dir / "docker.sock"
+        self.config_path = self.workdir / "daemon.json"
+        self.client_config = self.workdir / "client"
+        self.containerd = Containerd(self.workdir / "containerd")
+
+    def start(self) -> Dockerd:
+        """Start its containerd, then dockerd, and wait until dockerd answers ``/_ping``."""
+        program = require("/usr/sbin/dockerd")
+        require(DOCKER_CLIENT)
+        self._write_config()
+        self.containerd.start()
+        self._spawn([program, "--config-file", str(self.config_path), "--data-root", str(self.workdir / "d"),
+                     "--exec-root", str(self.runtime_dir / "x"), "--pidfile", str(self.runtime_dir / "pid"),
+                     "--containerd", str(self.containerd.socket), "-H", f"unix://{self.socket}"])
+        self.wait_until(self._pings, "/_ping on its socket")
+        return self
+
+    def configure(self, daemon_json: Mapping[str, Any]) -> None:
+        """Replace the extra daemon.json keys (e.g. ``registry-mirrors``) and reload them with SIGHUP."""
+        self.daemon_json = dict(daemon_json)
+        self._write_config()
+        reloads = self.log().count("Reloaded configuration")
+        self.send_signal(signal.SIGHUP)
+        self.wait_until(lambda: self.log().count("Reloaded configuration") > reloads, "the reload")
+
+    def docker(self, *args: str, check: bool = True, input: str | None = None,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run the matching docker client against this daemon."""
+        return run([DOCKER_CLIENT, "-H", f"unix://{self.socket}", *args], check=check, input=input,
+                   env={"DOCKER_CONFIG": str(self.client_config)}, timeout=timeout)
+
+    def remove_all_images(self) -> None:
+        """Delete every image, so the next pull starts cold."""
+        images = self.docker("images", "--all", "--quiet").stdout.split()
+        if images:
+            self.docker("rmi", "--force", *sorted(set(images)))
+
+    def stop(self) -> None:
+        """Stop dockerd, then its containerd, and remove its socket directory."""
+        super().stop()
+        self.containerd.stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _write_config(self) -> None:
+        self.config_path.write_text(json.dumps({**self.base_config, **self.daemon_json}, indent=2))
+
+    def _pings(self) -> bool:
+        response = http_response("http://docker/_ping", transport=httpx.HTTPTransport(uds=str(self.socket)))
+        return response is not None and response.status_code == 200
+
+
+class Containerd(PeerProcess):
+    """A private containerd with its own root, state and gRPC socket, driven with ``ctr``."""
+
+    name = "containerd"
+    disabled_plugins = ("io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
+                        "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
+                        "io.containerd.snapshotter.v1.devmapper")
+
+    def __init__(self, workdir: str | Path, namespace: str = "default"):
+        super().__init__(workdir)
+        self.namespace = namespace
+        self.runtime_dir = short_tempdir("containerd-")
+        self.socket = self.runtime_dir / "containerd.sock"
+        self.config_path = self.workdir / "config.toml"
+
+    def start(self) -> Containerd:
+        """Write its config, start containerd and wait until ``ctr version`` answers."""
+        program = require("/usr/bin/containerd")
+        require("/usr/bin/ctr")
+        self.config_path.write_text(self._config())
+        self._spawn([program, "--config", str(self.config_path)])
+        self.wait_until(lambda: self.ctr("version", check=False, timeout=5).returncode == 0, "ctr version")
+        return self
+
+    def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run ``ctr`` against this containerd, in ``self.namespace``."""
+        return run(["/usr/bin/ctr", "--address", str(self.socket), "--namespace", self.namespace, *args],
+                   check=check, timeout=timeout)
+
+    def pull(self, reference: str, hosts_dir: str | Path, *args: str) -> subprocess.CompletedProcess[str]:
+        """``ctr images pull --hosts-dir DIR REFERENCE``: hosts resolved through DIR/<host>/hosts.toml."""
+        return self.ctr("images", "pull", "--hosts-dir", str(hosts_dir), *args, reference)
+
+    def stop(self) -> None:
+        """Stop containerd and remove its socket directory."""
+        super().stop()
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def _config(self) -> str:
+        quoted = ", ".join(f'"{plugin}"' for plugin in self.disabled_plugins)
+        return "\n".join([
+            "version = 2",
+            f'root = "{self.workdir / "root"}"',
+            f'state = "{self.runtime_dir / "state"}"',
+            f"disabled_plugins = [{quoted}]",
+            "[grpc]", f'  address = "{self.socket}"',
+            "[ttrpc]", f'  address = "{self.socket}.ttrpc"',
+            "[debug]", '  address = ""',
+            "[metrics]", '  address = ""',
+            '[plugins."io.containerd.internal.v1.opt"]', f'  path = "{self.workdir / "opt"}"',
+            "",
+        ])
+
+
+def write_hosts_toml(hosts_dir: str | Path, registry: str, mirror_url: str) -> Path:
+    """Write ``hosts_dir/<registry>/hosts.toml`` sending pulls of ``registry`` to ``mirror_url`` only.
+
+    The fallback ``server`` is a closed loopback port, so nothing ever leaves the machine.
+    """
+    path = Path(hosts_dir) / registry / "hosts.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f'server = "http://127.0.0.1:{free_port()}"\n\n'
+                    f'[host."{mirror_url}"]\n  capabilities = ["pull", "resolve"]\n')
+    return path
+
+
+class Podman:
+    """The podman CLI with its own storage, run root, registries.conf and auth file (no service needed)."""
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.runtime_dir = short_tempdir("podman-")
+        self.registries_conf = self.workdir / "registries.conf"
+        self.containers_conf = self.workdir / "containers.conf"
+        self.auth_file = self.workdir / "auth.json"
+        self.auth_file.write_text('{"auths": {}}')
+        self.write_registries_conf("unqualified-search-registries = []\n")
+        self.containers_conf.write_text('[engine]\ncgroup_manager = "cgroupfs"\nevents_logger = "file"\n'
+                                        f'events_logfile_path = "{self.workdir / "events.log"}"\n')
+
+    def write_registries_conf(self, text: str) -> None:
+        """Replace the registries.conf podman reads (mirrors, prefixes, insecure registries)."""
+        self.registries_conf.write_text(text)
+
+    def podman(self, *args: str, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run ``podman`` with this instance's storage and configuration."""
+        program = require("podman")
+        return run([program, "--root", str(self.workdir / "root"), "--runroot", str(self.runtime_dir),
+                    "--storage-driver", "vfs", *args], check=check, timeout=timeout,
+                   env={"CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
+                        "CONTAINERS_CONF": str(self.containers_conf),
+                        "REGISTRY_AUTH_FILE": str(self.auth_file)})
+
+    def pull(self, reference: str, *args: str, tls_verify: bool = False) -> subprocess.CompletedProcess[str]:
+        """``podman pull`` (plain HTTP by default)."""
+        return self.podman("pull", f"--tls-verify={str(tls_verify).lower()}", *args, reference)
+
+    def close(self) -> None:
+        """Remove the run root directory."""
+        shutil.rmtree(self.runtime_dir, ignore_errors=True)
+
+    def __enter__(self) -> Podman:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+class Skopeo:
+    """The skopeo CLI with an insecure (accept-all) policy and its own auth file and registries.conf."""
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.registries_conf = self.workdir / "skopeo-registries.conf"
+        self.registries_conf.write_text("unqualified-search-registries = []\n")
+        self.auth_file = self.workdir / "skopeo-auth.json"
+        self.auth_file.write_text('{"auths": {}}')
+
+    def skopeo(self, *args: str, check: bool = True,
+               timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run ``skopeo --insecure-policy ARGS``."""
+        return run([require("skopeo"), "--insecure-policy", *args], check=check, timeout=timeout,
+                   env={"CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
+                        "REGISTRY_AUTH_FILE": str(self.auth_file)})
+
+    def copy(self, source: str, destination: str, *args: str, all: bool = True,
+             check: bool = True) -> subprocess.CompletedProcess[str]:
+        """``skopeo copy`` over plain HTTP, every platform of an index unless ``all`` is false."""
+        return self.skopeo("copy", "--src-tls-verify=false", "--dest-tls-verify=false",
+                           *(["--all"] if all else []), *args, source, destination, check=check)
+
+    def inspect(self, reference: str, *args: str, raw: bool = False) -> Any:
+        """``skopeo inspect`` over plain HTTP: the parsed JSON (the manifest itself if ``raw``)."""
+        result = self.skopeo("inspect", "--tls-verify=false", *(["--raw"] if raw else []), *args, reference)
+        return json.loads(result.stdout)
+
+
+class MirrorProcess(PeerProcess):
+    """The appliance itself: ``python -m mirror serve --config FILE`` on a free loopback port."""
+
+    name = "mirror"
+
+    def __init__(self, workdir: str | Path, config: Mapping[str, Any] | None = None,
+                 env: Mapping[str, str] | None = None):
+        super().__init__(workdir)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
+        self.config_path = self.workdir / "config.yaml"
+        self.env = dict(env or {})
+        self.config: dict[str, Any] = {}
+        self.write_config(config or {})
+
+    @property
+    def url(self) -> str:
+        """The base URL (https when the config has ``tls``)."""
+        return f"{'https' if self.config.get('tls') else 'http'}://{self.host}"
+
+    def write_config(self, config: Mapping[str, Any]) -> None:
+        """Write config.yaml: ``config`` over the defaults (our port, storage in ``workdir/store``)."""
+        storage = {"root": str(self.workdir / "store"), **config.get("storage", {})}
+        self.config = {"listen": self.host, **config, "storage": storage}
+        self.config_path.write_text(yaml.safe_dump(self.config))
+
+    def start(self) -> MirrorProcess:
+        """Start ``mirror serve`` and wait until ``GET /v2/`` answers (any status)."""
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        self._spawn([sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
+                    env={"PYTHONPATH": python_path, **self.env}, cwd=REPO_ROOT)
+        self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
+        return self
