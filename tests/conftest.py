@@ -10,7 +10,7 @@ from tests.peers import Containerd, Dockerd, MirrorProcess, Podman, Skopeo
 def hosted_mirror(tmp_path_factory):
     """One purely hosted mirror (no upstreams) shared by the API tests."""
     workdir = tmp_path_factory.mktemp("hosted-mirror")
-    server = MirrorProcess(workdir, {"storage": {"root": str(workdir / "store")}, "upstreams": []})
+    server = MirrorProcess(workdir, {"storage": {"root": str(workdir / "store")}, "upstreams": []}).start()
     yield server
     server.stop()
 
