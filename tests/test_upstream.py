@@ -5,8 +5,8 @@ Async code runs through ``asyncio.run`` in plain tests.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
+import time
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -20,6 +20,8 @@ from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OC
 from mirror.upstream import UpstreamClient
 from mirror.upstream.auth import Challenge
 from mirror.upstream.status import retry_after
+from tests.images import Image, basic_authorization, build_image, push
+from tests.peers import DistributionRegistry, TokenServer, free_port
 
 REGISTRY = "https://registry.test"
 REALM = "https://auth.test/token"
@@ -46,7 +48,7 @@ class FakeRegistry:
     def __init__(self, username: str | None = None, password: str | None = None,
                  expires_in: int | None = 300):
         self.requests: list[httpx.Request] = []
-        self.credentials = None if username is None else _basic(username, password or "")
+        self.credentials = None if username is None else basic_authorization(username, password or "")
         self.expires_in = expires_in
         self.issued = 0
         self.fault: Callable[[httpx.Request], httpx.Response | None] = lambda request: None
@@ -100,16 +102,13 @@ def snapshot(request: httpx.Request) -> httpx.Request:
     return httpx.Request(request.method, request.url, headers=httpx.Headers(request.headers))
 
 
-def _basic(username: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{username}:{password}".encode()).decode()
-
-
-def run(handler: Callable[[httpx.Request], Any], action: Callable[[UpstreamClient], Awaitable[Any]],
+def run(handler: Callable[[httpx.Request], Any] | None, action: Callable[[UpstreamClient], Awaitable[Any]],
         upstream: Upstream | None = None, clock: Clock | None = None) -> Any:
-    """Run ``action`` on a client of ``upstream`` whose transport is ``handler``, then close it."""
+    """Run ``action`` on a client of ``upstream`` (over ``handler`` if given, else the network), close it."""
     async def main() -> Any:
-        client = UpstreamClient(upstream or Upstream("registry.test", REGISTRY), httpx.MockTransport(handler),
-                                clock=clock or Clock())
+        transport = httpx.MockTransport(handler) if handler else None
+        client = UpstreamClient(upstream or Upstream("registry.test", REGISTRY), transport,
+                                clock=clock or time.time)
         try:
             return await action(client)
         finally:
@@ -117,9 +116,10 @@ def run(handler: Callable[[httpx.Request], Any], action: Callable[[UpstreamClien
     return asyncio.run(main())
 
 
-async def read_blob(client: UpstreamClient, offset: int = 0, chunk_size: int | None = None) -> bytes:
-    """The whole body of the test blob from ``offset``."""
-    async with client.stream_blob("library/alpine", BLOB_DIGEST, offset) as stream:
+async def read_blob(client: UpstreamClient, offset: int = 0, chunk_size: int | None = None,
+                    repo: str = "library/alpine", digest: Digest = BLOB_DIGEST) -> bytes:
+    """The whole body of a blob (by default the fake registry's) from ``offset``."""
+    async with client.stream_blob(repo, digest, offset) as stream:
         return b"".join([chunk async for chunk in stream.aiter(chunk_size)])
 
 
@@ -335,7 +335,7 @@ def test_credentials_go_to_an_https_realm():
     registry = FakeRegistry("alice", "s3cret")
     upstream = Upstream("registry.test", REGISTRY, username="alice", password="s3cret")
     run(registry, lambda c: c.get_manifest("library/alpine", "latest"), upstream)
-    assert registry.token_requests[0].headers["authorization"] == _basic("alice", "s3cret")
+    assert registry.token_requests[0].headers["authorization"] == basic_authorization("alice", "s3cret")
 
 
 def test_credentials_never_go_to_a_plain_http_realm_elsewhere():
@@ -389,7 +389,7 @@ def test_token_endpoint_down_is_unavailable(failure):
 
 def test_basic_upstream_gets_basic_credentials_directly():
     requests: list[httpx.Request] = []
-    expected = _basic("alice", "s3cret")
+    expected = basic_authorization("alice", "s3cret")
     def handler(request: httpx.Request) -> httpx.Response:
         requests.append(snapshot(request))
         if request.headers.get("authorization") != expected:
@@ -431,3 +431,114 @@ def test_challenge_from_a_redirect_target_is_not_answered():
     with pytest.raises(UpstreamDenied):
         run(registry, read_blob, upstream)
     assert all(r.url.host != "evil.test" for r in registry.requests)
+
+
+# --- against the real Distribution registry behind a Docker-Hub-like token server ----------------------
+
+
+class TokenRegistry:
+    """A token server and the Distribution registry it guards, holding a public, a private and a big image."""
+
+    def __init__(self, workdir):
+        self.tokens = TokenServer(workdir / "token").start()
+        self.registry = DistributionRegistry(workdir / "registry", auth=self.tokens).start()
+        credentials = {"username": self.tokens.username, "password": self.tokens.password}
+        self.public, self.private = build_image("public"), build_image("private")
+        self.big = build_image("big", layers=1, layer_size=12 * 1024 * 1024)
+        push(self.registry.url, "library/alpine", "3.20", self.public, **credentials)
+        push(self.registry.url, "team/private-app", "1.0", self.private, **credentials)
+        push(self.registry.url, "library/big", "latest", self.big, **credentials)
+
+    def upstream(self, username: str | None = None, password: str | None = None) -> Upstream:
+        """The registry as an upstream, with these credentials."""
+        return Upstream("registry.test", self.registry.url, username=username, password=password)
+
+    def stop(self) -> None:
+        """Stop the registry and the token server."""
+        self.registry.stop()
+        self.tokens.stop()
+
+
+@pytest.fixture(scope="module")
+def token_registry(tmp_path_factory):
+    """One token-auth registry with test images, shared by this module's integration tests."""
+    peers = TokenRegistry(tmp_path_factory.mktemp("token-registry"))
+    yield peers
+    peers.stop()
+
+
+def test_anonymous_pull_of_a_public_repository(token_registry):
+    image: Image = token_registry.public
+    async def action(client: UpstreamClient) -> tuple[Any, ...]:
+        await client.ping()
+        head = await client.head_manifest("library/alpine", "3.20")
+        got = await client.get_manifest("library/alpine", "3.20")
+        by_digest = await client.get_manifest("library/alpine", image.digest)
+        layer = image.layers[0]
+        blob = await read_blob(client, repo="library/alpine", digest=Digest.parse(layer.digest))
+        return head, got, by_digest, blob
+    head, got, by_digest, blob = run(None, action, token_registry.upstream())
+    digest = Digest.parse(image.digest)
+    assert head == (digest, image.manifest.media_type, image.manifest.size)
+    assert got == by_digest == (image.manifest.data, image.manifest.media_type, digest)
+    assert blob == image.layers[0].data
+
+
+def test_tokens_are_cached_per_scope_against_the_real_token_server(token_registry):
+    tokens = token_registry.tokens
+    before = len(tokens.requests)
+    async def action(client: UpstreamClient) -> None:
+        await asyncio.gather(*(client.get_manifest("library/alpine", "3.20") for _ in range(4)))
+        await client.head_manifest("library/alpine", "3.20")
+        config = Digest.parse(token_registry.public.config.digest)
+        await read_blob(client, repo="library/alpine", digest=config)
+    run(None, action, token_registry.upstream())
+    issued = tokens.requests[before:]
+    assert [r.scopes for r in issued] == [("repository:library/alpine:pull",)]
+
+
+def test_private_repository_needs_the_credentials(token_registry):
+    image: Image = token_registry.private
+    upstream = token_registry.upstream(token_registry.tokens.username, token_registry.tokens.password)
+    body, media_type, digest = run(None, lambda c: c.get_manifest("team/private-app", "1.0"), upstream)
+    assert (body, media_type, str(digest)) == (image.manifest.data, image.manifest.media_type, image.digest)
+    assert token_registry.tokens.requests[-1].account == token_registry.tokens.username
+    with pytest.raises(UpstreamDenied):
+        run(None, lambda c: c.get_manifest("team/private-app", "1.0"), token_registry.upstream())
+
+
+def test_wrong_credentials_are_denied_by_the_real_token_server(token_registry):
+    upstream = token_registry.upstream(token_registry.tokens.username, "wrong")
+    with pytest.raises(UpstreamDenied):
+        run(None, lambda c: c.get_manifest("library/alpine", "3.20"), upstream)
+    assert token_registry.tokens.requests[-1].status == 401
+
+
+def test_unknown_manifest_is_not_found(token_registry):
+    with pytest.raises(UpstreamNotFound):
+        run(None, lambda c: c.head_manifest("library/alpine", "no-such-tag"), token_registry.upstream())
+
+
+def test_streaming_a_multi_mib_blob_whole_and_from_an_offset(token_registry):
+    layer = token_registry.big.layers[0]
+    digest, offset = Digest.parse(layer.digest), len(layer.data) // 3
+    async def action(client: UpstreamClient) -> tuple[Any, ...]:
+        async with client.stream_blob("library/big", digest) as stream:
+            whole = bytearray()
+            async for chunk in stream.aiter(1024 * 1024):
+                whole += chunk
+            first = (stream.status, stream.size)
+        async with client.stream_blob("library/big", digest, offset) as stream:
+            rest = b"".join([chunk async for chunk in stream.aiter()])
+            second = (stream.status, stream.size)
+        return first, bytes(whole), second, rest
+    first, whole, second, rest = run(None, action, token_registry.upstream())
+    assert len(layer.data) > 8 * 1024 * 1024
+    assert first == (200, len(layer.data)) and Digest.of(whole) == digest
+    assert second == (206, len(layer.data)) and rest == layer.data[offset:]
+
+
+def test_unreachable_upstream_is_unavailable():
+    upstream = Upstream("registry.test", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(UpstreamUnavailable):
+        run(None, lambda c: c.get_manifest("library/alpine", "3.20"), upstream)
