@@ -28,6 +28,8 @@ ENV_OVERRIDES = {
     "MIRROR_STORAGE_MAX_CACHE_SIZE": "storage.max_cache_size",
     "MIRROR_DEFAULT_UPSTREAM": "default_upstream",
     "MIRROR_WORKERS": "workers",
+    "MIRROR_TLS_CERT": "tls.cert",
+    "MIRROR_TLS_KEY": "tls.key",
 }
 
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
@@ -77,6 +79,15 @@ class Storage:
     root: Path = Path(DEFAULT_ROOT)
     max_cache_size: int | None = None
     upload_expiry: float = 24 * 3600.0
+    gc_grace: float = 3600.0
+
+
+@dataclass(frozen=True)
+class Tls:
+    """The certificate (PEM, may include intermediates) and private key the server offers over HTTPS."""
+
+    cert: Path
+    key: Path
 
 
 @dataclass(frozen=True)
@@ -89,6 +100,7 @@ class Config:
     default_upstream: str | None = DOCKER_HUB
     workers: int = 1
     trusted_keys: tuple[Path, ...] = ()
+    tls: Tls | None = None
     source: str = "embedded defaults"
 
     @property
@@ -129,7 +141,7 @@ def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys"}
+    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -155,7 +167,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError("workers", "must be a whole number from 1 to 64")
     keys = _list(raw.get("trusted_keys"), "trusted_keys")
     trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
-    return Config(listen, storage, upstreams, default, workers, trusted_keys, source)
+    return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")), source)
 
 
 def _listen(value: Any) -> str:
@@ -169,7 +181,7 @@ def _storage(raw: Any) -> Storage:
     if not isinstance(raw, dict):
         raise ConfigError("storage", "must be a mapping")
     for key in raw:
-        if key not in {"root", "max_cache_size", "upload_expiry"}:
+        if key not in {"root", "max_cache_size", "upload_expiry", "gc_grace"}:
             raise ConfigError(f"storage.{key}", "unknown key")
     root = raw.get("root", DEFAULT_ROOT)
     if not isinstance(root, str) or not root:
@@ -179,7 +191,19 @@ def _storage(raw: Any) -> Storage:
         root=Path(root),
         max_cache_size=None if max_size is None else parse_size(max_size, "storage.max_cache_size"),
         upload_expiry=parse_duration(raw.get("upload_expiry", Storage.upload_expiry), "storage.upload_expiry"),
+        gc_grace=parse_duration(raw.get("gc_grace", Storage.gc_grace), "storage.gc_grace"),
     )
+
+
+def _tls(raw: Any) -> Tls | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict) or set(raw) != {"cert", "key"}:
+        raise ConfigError("tls", "must be a mapping with exactly cert and key (PEM file paths)")
+    for key in ("cert", "key"):
+        if not isinstance(raw[key], str) or not Path(raw[key]).is_file():
+            raise ConfigError(f"tls.{key}", f"{raw[key]!r} is not a file")
+    return Tls(Path(raw["cert"]), Path(raw["key"]))
 
 
 def _trusted_key(index: int, value: Any) -> Path:

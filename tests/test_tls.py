@@ -1,0 +1,148 @@
+"""``mirror tls init`` makes a CA and a server certificate that TLS clients accept; the ``tls`` config key."""
+from __future__ import annotations
+
+import ipaddress
+import socket
+import ssl
+import threading
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.x509.verification import PolicyBuilder, Store
+
+from mirror import cli, config, tls
+from mirror.errors import ConfigError
+
+HOSTNAME = "mirror.example"
+
+
+@pytest.fixture(scope="module")
+def tls_dir(tmp_path_factory):
+    """A directory after ``mirror tls init --hostname mirror.example --ip 10.1.2.3``."""
+    folder = tmp_path_factory.mktemp("tls")
+    assert cli.main(["tls", "init", "--dir", str(folder), "--hostname", HOSTNAME, "--ip", "10.1.2.3"]) == 0
+    return folder
+
+
+def load(path: Path) -> x509.Certificate:
+    """The certificate in ``path``."""
+    return x509.load_pem_x509_certificate(path.read_bytes())
+
+
+def test_init_writes_the_ca_and_server_files_keys_private(tls_dir):
+    assert sorted(path.name for path in tls_dir.iterdir()) == ["ca.crt", "ca.key", "server.crt", "server.key"]
+    assert (tls_dir / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert (tls_dir / "server.key").stat().st_mode & 0o777 == 0o600
+
+
+def test_init_prints_where_the_files_go(tmp_path, capsys):
+    assert tls.init(tmp_path, HOSTNAME, []) == 0
+    out = capsys.readouterr().out
+    for expected in (f"/etc/docker/certs.d/{HOSTNAME}:5000/ca.crt",
+                     f"/etc/containers/certs.d/{HOSTNAME}:5000/ca.crt",
+                     f'ca = "/etc/containerd/certs.d/{HOSTNAME}:5000/ca.crt"', "tls:\n",
+                     f"cert: {tmp_path / 'server.crt'}", f"key: {tmp_path / 'server.key'}"):
+        assert expected in out
+
+
+def test_server_certificate_names_the_host_the_ips_and_loopback(tls_dir):
+    cert = load(tls_dir / "server.crt")
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert sans.get_values_for_type(x509.DNSName) == [HOSTNAME, "localhost"]
+    addresses = [ipaddress.ip_address(address) for address in ("10.1.2.3", "127.0.0.1", "::1")]
+    assert sans.get_values_for_type(x509.IPAddress) == addresses
+    assert not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca
+
+
+@pytest.mark.parametrize("name", [x509.DNSName(HOSTNAME), x509.IPAddress(ipaddress.ip_address("10.1.2.3")),
+                                  x509.DNSName("localhost")])
+def test_server_certificate_chains_to_the_ca(tls_dir, name):
+    verifier = PolicyBuilder().store(Store([load(tls_dir / "ca.crt")])).build_server_verifier(name)
+    chain = verifier.verify(load(tls_dir / "server.crt"), [])
+    assert chain[-1] == load(tls_dir / "ca.crt")
+
+
+def test_another_host_name_is_refused(tls_dir):
+    verifier = PolicyBuilder().store(Store([load(tls_dir / "ca.crt")])).build_server_verifier(
+        x509.DNSName("other.example"))
+    with pytest.raises(x509.verification.VerificationError):
+        verifier.verify(load(tls_dir / "server.crt"), [])
+
+
+def handshake(context: ssl.SSLContext, cafile: Path, server_hostname: str) -> bytes:
+    """Connect a client trusting only ``cafile`` to a loopback server with ``context``; return its bytes."""
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        def serve() -> None:
+            connection, _ = listener.accept()
+            with context.wrap_socket(connection, server_side=True) as tls_connection:
+                tls_connection.sendall(b"hello")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        client = ssl.create_default_context(cafile=str(cafile))
+        with socket.create_connection(listener.getsockname(), timeout=30) as raw, \
+                client.wrap_socket(raw, server_hostname=server_hostname) as connection:
+            data = connection.recv(5)
+        thread.join(30)
+    return data
+
+
+@pytest.mark.parametrize("server_hostname", [HOSTNAME, "127.0.0.1", "localhost"])
+def test_server_context_completes_a_handshake_with_a_client_trusting_only_the_ca(tls_dir, server_hostname):
+    context = tls.server_ssl_context(tls_dir / "server.crt", tls_dir / "server.key")
+    assert handshake(context, tls_dir / "ca.crt", server_hostname) == b"hello"
+
+
+def test_rerun_keeps_the_ca_and_issues_a_new_server_certificate(tmp_path):
+    tls.init(tmp_path, HOSTNAME, [])
+    ca, server = (tmp_path / "ca.crt").read_bytes(), (tmp_path / "server.crt").read_bytes()
+    tls.init(tmp_path, "other.example", ["192.0.2.7"])
+    assert (tmp_path / "ca.crt").read_bytes() == ca
+    assert (tmp_path / "server.crt").read_bytes() != server
+    verifier = PolicyBuilder().store(Store([load(tmp_path / "ca.crt")])).build_server_verifier(
+        x509.DNSName("other.example"))
+    verifier.verify(load(tmp_path / "server.crt"), [])
+
+
+def test_bad_arguments_are_named(tmp_path, capsys):
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", HOSTNAME, "--ip", "not-an-ip"]) == 2
+    assert "--ip" in capsys.readouterr().err
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", "bad name/x"]) == 2
+    assert "--hostname" in capsys.readouterr().err
+
+
+def test_server_context_refuses_a_key_of_another_certificate(tls_dir, tmp_path):
+    tls.init(tmp_path, HOSTNAME, [])
+    with pytest.raises(ConfigError) as raised:
+        tls.server_ssl_context(tls_dir / "server.crt", tmp_path / "server.key")
+    assert raised.value.key == "tls"
+
+
+def write_config(path: Path, text: str) -> Path:
+    """Write a config file and return its path."""
+    path.write_text(text)
+    return path
+
+
+def test_config_tls_key(tls_dir, tmp_path):
+    loaded = config.load(write_config(tmp_path / "c.yaml", f"tls:\n  cert: {tls_dir}/server.crt\n"
+                                                            f"  key: {tls_dir}/server.key\n"), {})
+    assert loaded.tls == config.Tls(tls_dir / "server.crt", tls_dir / "server.key")
+    assert config.load(None, {}).tls is None
+    from_environ = config.load(None, {"MIRROR_TLS_CERT": f"{tls_dir}/server.crt",
+                                      "MIRROR_TLS_KEY": f"{tls_dir}/server.key"})
+    assert from_environ.tls == loaded.tls
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    ("tls:\n  cert: /nonexistent/server.crt\n  key: {dir}/server.key\n", "tls.cert"),
+    ("tls:\n  cert: {dir}/server.crt\n  key: {dir}/missing.key\n", "tls.key"),
+    ("tls:\n  cert: {dir}/server.crt\n", "tls"),
+    ("tls: {dir}/server.crt\n", "tls"),
+    ("tls:\n  cert: {dir}/server.crt\n  key: {dir}/server.key\n  ca: x\n", "tls"),
+])
+def test_config_tls_errors_name_the_key(tls_dir, tmp_path, text, key):
+    with pytest.raises(ConfigError) as raised:
+        config.load(write_config(tmp_path / "c.yaml", text.format(dir=tls_dir)), {})
+    assert raised.value.key == key
