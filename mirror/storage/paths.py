@@ -14,6 +14,8 @@
       state/pins/<alg>/<hex>                            empty file: blob pinned (imported), never evicted
       state/imports/<key>/                              a bundle import's staging store (blobs verified, not
                                                         yet moved into blobs/); kept so a rerun resumes
+      state/gc-trash/<alg>/<hex>                        a blob the garbage collector is deleting; moved back
+                                                        if a manifest took it meanwhile (see ``gc.py``)
 
 Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
 nested repository. Every argument is validated here: no caller can make a path leave the root.
@@ -57,6 +59,7 @@ class Layout:
         self.repositories = self.root / "repositories"
         self.state = self.root / "state"
         self.pins = self.state / "pins"
+        self.trash = self.state / "gc-trash"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
@@ -95,6 +98,10 @@ class Layout:
     def pin(self, digest: Digest) -> Path:
         """The file whose presence pins blob ``digest`` against eviction."""
         return self.pins / digest.algorithm / digest.hex
+
+    def trashed(self, digest: Digest) -> Path:
+        """Where the garbage collector keeps blob ``digest`` between unpublishing and deleting it."""
+        return self.trash / digest.algorithm / digest.hex
 
     def import_staging(self, key: str) -> Path:
         """The staging store root of the bundle import identified by ``key`` (hex)."""
