@@ -12,6 +12,7 @@ import tornado.netutil
 import tornado.web
 
 from mirror.api import make_app
+from mirror.cache import PullThrough
 from mirror.config import Config
 from mirror.registry import Registry
 from mirror.storage import FilesystemBlobStore, Metadata
@@ -49,18 +50,19 @@ class Appliance:
 
     config: Config
     registry: Registry
+    cache: PullThrough
     activity: Activity
 
     def application(self) -> tornado.web.Application:
         """The Tornado application wired to this appliance."""
-        return make_app(registry=self.registry, activity=self.activity)
+        return make_app(registry=self.registry, cache=self.cache, activity=self.activity)
 
 
 def build(config: Config) -> Appliance:
-    """Open the store and wire the registry for ``config``."""
+    """Open the store and wire the registry and the pull-through cache for ``config``."""
     root = config.storage.root
     registry = Registry(FilesystemBlobStore(root), Metadata(root))
-    return Appliance(config, registry, Activity())
+    return Appliance(config, registry, PullThrough(config, registry), Activity())
 
 
 def listen_sockets(config: Config) -> list[socket.socket]:
@@ -92,6 +94,7 @@ async def run(config: Config, sockets: list[socket.socket]) -> None:
     except TimeoutError:
         log.warning("drain timed out with %d requests in flight", appliance.activity.count)
     await server.close_all_connections()
+    await appliance.cache.close()
 
 
 def serve(config: Config, config_path: str | None = None) -> int:

@@ -1,6 +1,7 @@
 """Thin request handlers of the Distribution API: parse the request, call the registry, shape the response."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import re
@@ -11,10 +12,11 @@ import tornado.web
 
 from mirror import errors
 from mirror.api import errcodes
+from mirror.cache import BlobSource, PullThrough
 from mirror.digest import Digest
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry
-from mirror.storage.filesystem import CHUNK, FileBlobWriter
+from mirror.storage.filesystem import FileBlobWriter
 from mirror.storage.paths import check_name
 
 log = logging.getLogger("mirror.api")
@@ -26,10 +28,12 @@ class BaseHandler(tornado.web.RequestHandler):
     """Common headers, path checks and spec-shaped JSON errors for every route."""
 
     registry: Registry
+    cache: PullThrough
 
-    def initialize(self, registry: Registry, activity: Any = None, **_: Any) -> None:
+    def initialize(self, registry: Registry, cache: PullThrough, activity: Any = None, **_: Any) -> None:
         """Receive the application's dependencies and count this request as in flight."""
         self.registry = registry
+        self.cache = cache
         self.activity = activity
         if activity is not None:
             activity.begin()
@@ -79,6 +83,11 @@ class BaseHandler(tornado.web.RequestHandler):
         else:
             super().log_exception(typ, value, tb)
 
+    @property
+    def ns(self) -> str | None:
+        """The upstream registry containerd names with ``?ns=``."""
+        return self.get_query_argument("ns", None)
+
     def write_json(self, document: Any, content_type: str = "application/json") -> None:
         """Finish with a JSON document."""
         self.set_header("Content-Type", content_type)
@@ -118,7 +127,7 @@ class TagsHandler(BaseHandler):
     def get(self, name: str) -> None:
         """List one page of the repository's tags."""
         n, last = self.get_query_argument("n", None), self.get_query_argument("last", None)
-        page = self.registry.tags(name, n, last)
+        page = self.registry.tags(self.cache.tags_repository(name, self.ns), n, last)
         self.link_next(f"/v2/{name}/tags/list", page, n)
         self.write_json({"name": name, "tags": page.items})
 
@@ -148,33 +157,35 @@ class BlobHandler(BaseHandler):
 
     def delete(self, name: str, digest: str) -> None:
         """Remove the blob from the repository."""
+        self.cache.check_writable(name, self.ns)
         self.registry.delete_blob(name, Digest.parse(digest))
         self.set_status(202)
         self.finish()
 
     async def _send(self, name: str, digest: Digest, body: bool) -> None:
-        size = self.registry.blob_size(name, digest)
+        source = await self.cache.blob(name, digest, self.ns)
         self.set_header("Docker-Content-Digest", str(digest))
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("ETag", f'"{digest}"')
-        byte_range = self._range(size)
+        self.set_header("Content-Type", "application/octet-stream")
+        byte_range = self._range(source.size)
         if byte_range is None:
             self.set_status(416)
-            self.set_header("Content-Range", f"bytes */{size}")
+            self.set_header("Content-Range", f"bytes */{source.size}")
             self.set_header("Content-Type", "application/json")
-            return self.finish(errcodes.body("RANGE_INVALID", "requested range not satisfiable", {"size": size}))
+            return self.finish(errcodes.body("RANGE_INVALID", "requested range not satisfiable", {"size": source.size}))
         start, end = byte_range
-        self.set_header("Content-Type", "application/octet-stream")
-        self.set_header("Content-Length", str(end - start))
+        if end is not None:
+            self.set_header("Content-Length", str(end - start))
         if body:
-            with self.registry.open_blob(name, digest, start) as file:
-                await self.stream_file(file, end - start)
-        self.finish()
+            await self._stream(source, start, end)
+        else:
+            self.finish()
 
-    def _range(self, size: int) -> tuple[int, int] | None:
+    def _range(self, size: int | None) -> tuple[int, int | None] | None:
         """The half-open byte range to send (setting 206 for a Range header), or None when unsatisfiable."""
         match = _BYTE_RANGE.fullmatch(self.request.headers.get("Range", "").strip())
-        if not match or match.groups() == ("", ""):
+        if size is None or not match or match.groups() == ("", ""):
             return 0, size
         first, last = match.groups()
         if first:
@@ -187,18 +198,25 @@ class BlobHandler(BaseHandler):
         self.set_header("Content-Range", f"bytes {start}-{end - 1}/{size}")
         return start, end
 
-    async def stream_file(self, file: Any, length: int) -> None:
-        """Send ``length`` bytes of ``file`` in chunks, waiting for the socket to drain between them."""
+    async def _stream(self, source: BlobSource, start: int, end: int | None) -> None:
+        """Send the bytes as they come, waiting for the socket between chunks; a source that fails after
+        the headers went out cuts the connection, so the client never takes a short body for a whole one."""
+        sent = False
         try:
-            while length > 0:
-                chunk = file.read(min(CHUNK, length))
-                if not chunk:
-                    break
-                length -= len(chunk)
-                self.write(chunk)
-                await self.flush()
+            async with contextlib.aclosing(source.chunks(start, end)) as chunks:
+                async for chunk in chunks:
+                    self.write(chunk)
+                    await self.flush()
+                    sent = True
         except tornado.iostream.StreamClosedError:
             return
+        except errors.MirrorError:
+            if not sent:
+                raise
+            log.warning("aborting %s: its source failed mid-transfer", self.request.path)
+            self.request.connection.stream.close()
+            return
+        self.finish()
 
 
 @tornado.web.stream_request_body
@@ -214,6 +232,8 @@ class UploadHandler(BaseHandler):
         super().prepare()
         name, session = self.path_kwargs["name"], self.path_kwargs.get("session")
         method = self.request.method
+        if method != "GET":
+            self.cache.check_writable(name, self.ns)
         if method == "POST" and self._opens_with_body():
             self.writer = self.registry.start_upload(name)
         elif method in ("PATCH", "PUT") and session:
@@ -339,16 +359,16 @@ class ManifestHandler(BaseHandler):
         if self.body_size <= MAX_MANIFEST_SIZE:
             self.body_parts.append(chunk)
 
-    def get(self, name: str, reference: str) -> None:
+    async def get(self, name: str, reference: str) -> None:
         """Return the manifest byte for byte with its media type."""
-        self._send(name, reference, body=True)
+        await self._send(name, reference, body=True)
 
-    def head(self, name: str, reference: str) -> None:
+    async def head(self, name: str, reference: str) -> None:
         """Describe the manifest without its bytes."""
-        self._send(name, reference, body=False)
+        await self._send(name, reference, body=False)
 
-    def _send(self, name: str, reference: str, body: bool) -> None:
-        manifest = self.registry.get_manifest(name, reference)
+    async def _send(self, name: str, reference: str, body: bool) -> None:
+        manifest = await self.cache.manifest(name, reference, self.ns)
         self.set_header("Content-Type", manifest.media_type)
         self.set_header("Docker-Content-Digest", str(manifest.digest))
         self.set_header("ETag", f'"{manifest.digest}"')
@@ -357,6 +377,7 @@ class ManifestHandler(BaseHandler):
 
     def put(self, name: str, reference: str) -> None:
         """Store a manifest under a tag or its digest."""
+        self.cache.check_writable(name, self.ns)
         if self.body_size > MAX_MANIFEST_SIZE:
             raise errors.ManifestTooLarge(f"manifest is over the {MAX_MANIFEST_SIZE} byte limit")
         manifest = self.registry.put_manifest(name, reference, b"".join(self.body_parts),
@@ -371,6 +392,7 @@ class ManifestHandler(BaseHandler):
 
     def delete(self, name: str, reference: str) -> None:
         """Delete a tag, or a manifest by digest."""
+        self.cache.check_writable(name, self.ns)
         self.registry.delete_manifest(name, reference)
         self.set_status(202)
         self.finish()

@@ -61,15 +61,18 @@ class FileBlobWriter:
         self.id = session
         self._store = store
         self._folder = store.layout.session(session)
-        self._data = self._folder / "data"
-        self._file = open(self._data, "ab")  # noqa: SIM115 - owned until close/commit/cancel
+        self.path = self._folder / "data"
+        # unbuffered, so a pull-through fetch's followers can read every byte as soon as it is written
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned until close/commit/cancel
         self.size = self._file.tell()
         self._hasher = hasher if hasher is not None and hasher.size == self.size else None
 
     def write(self, data: bytes) -> None:
         """Append ``data``."""
         try:
-            self._file.write(data)
+            view = memoryview(data)
+            while view:  # a raw file may take less than asked
+                view = view[self._file.write(view):]
         except OSError as exc:
             raise storage_error(exc) from exc
         self.size += len(data)
@@ -95,7 +98,7 @@ class FileBlobWriter:
             raise storage_error(exc) from exc
         algorithm = expected.algorithm if expected else "sha256"
         hasher = self._hasher if self._hasher and self._hasher.algorithm == algorithm else None
-        actual = (hasher or hash_file(self._data, algorithm)).digest()
+        actual = (hasher or hash_file(self.path, algorithm)).digest()
         if expected is not None and actual != expected:
             self._store.remember(self.id, self._hasher)
             raise DigestInvalid(f"content digest {actual} does not match {expected}",
@@ -103,7 +106,7 @@ class FileBlobWriter:
         target = self._store.layout.blob(actual)
         try:
             target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self._data, target)
+            os.replace(self.path, target)
         except OSError as exc:
             raise storage_error(exc) from exc
         self._store.forget(self.id)

@@ -1,0 +1,476 @@
+"""Pull-through caching: the only module that sees both the store and the upstreams.
+
+Reads go hosted content first, then the cache, then upstream. Upstream content lives in the store under
+``<upstream>/<path>`` (``reference.store_repository``), whichever of the three request forms asked for it:
+the docker daemon's ``/v2/library/alpine`` (default upstream), containerd's ``?ns=docker.io`` and the path
+prefix ``/v2/docker.io/library/alpine``.
+
+A missing blob is fetched once, however many clients want it: the first request starts a ``Fetch`` that
+writes the upstream's bytes into an upload session; every client (the first too) streams from that file as it
+grows. The last byte is held back until the digest is verified, so a corrupt transfer is never delivered
+whole, and nothing is committed to the store unless it verified.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import diskcache
+
+from mirror import manifest as manifests
+from mirror.config import Config, Upstream
+from mirror.digest import Digest
+from mirror.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    ManifestInvalid,
+    ManifestUnknown,
+    MirrorError,
+    NameInvalid,
+    NameUnknown,
+    RegistryError,
+    Unsupported,
+    UpstreamError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+)
+from mirror.reference import DOCKER_HUB, Reference, normalise_registry, store_repository
+from mirror.registry import Registry, StoredManifest
+from mirror.storage.filesystem import CHUNK
+from mirror.storage.pins import Pins
+from mirror.upstream import UpstreamClient
+
+log = logging.getLogger("mirror.cache")
+NEGATIVE_TTL = 15.0
+TOUCH_INTERVAL = 60.0
+
+
+@dataclass(frozen=True)
+class Route:
+    """Where a repository's content comes from: an upstream, its path there, and its store repository."""
+
+    upstream: Upstream
+    path: str
+    store: str
+    explicit: bool  # named by path prefix or ?ns=, not just the default upstream
+
+
+class Router:
+    """Maps the repository names clients ask for onto upstreams."""
+
+    def __init__(self, config: Config):
+        self.upstreams = {upstream.name: upstream for upstream in config.upstreams}
+        self.by_prefix = {upstream.name.replace(":", "_"): upstream for upstream in config.upstreams}
+        self.default = config.upstream(config.default_upstream) if config.default_upstream else None
+
+    def route(self, name: str, ns: str | None = None) -> Route | None:
+        """The route of repository ``name`` (with containerd's ``ns`` query), or None for hosted only."""
+        first, _, rest = name.partition("/")
+        if rest and first in self.by_prefix:
+            return self._route(self.by_prefix[first], rest, explicit=True)
+        if ns and normalise_registry(ns) in self.upstreams:
+            return self._route(self.upstreams[normalise_registry(ns)], name, explicit=True)
+        if self.default is not None:
+            return self._route(self.default, name, explicit=False)
+        return None
+
+    @staticmethod
+    def _route(upstream: Upstream, path: str, explicit: bool) -> Route:
+        if normalise_registry(upstream.name) == DOCKER_HUB and "/" not in path:
+            path = f"library/{path}"
+        return Route(upstream, path, store_repository(upstream.name, path), explicit)
+
+
+class BlobSource(Protocol):
+    """Bytes of a blob that a handler can stream, from the store or from a fetch in progress."""
+
+    size: int | None
+
+    def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """The bytes in ``[start, end)`` (to the end when ``end`` is None)."""
+
+
+class StoredBlob:
+    """A blob that is in the store."""
+
+    def __init__(self, registry: Registry, digest: Digest, size: int):
+        self.registry, self.digest, self.size = registry, digest, size
+
+    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Read the stored file chunk by chunk."""
+        remaining = (self.size if end is None else end) - start
+        with self.registry.blobs.open(self.digest, start) as file:
+            while remaining > 0 and (chunk := file.read(min(CHUNK, remaining))):
+                remaining -= len(chunk)
+                yield chunk
+
+
+class Fetch:
+    """One upstream GET of a missing blob, written to an upload session and followed by every client."""
+
+    def __init__(self, digest: Digest, committed: Path):
+        self.digest = digest
+        self.committed = committed
+        self.size: int | None = None
+        self.written = 0
+        self.done = False
+        self.error: MirrorError | None = None
+        self.started = asyncio.Event()
+        self._progress = asyncio.Event()
+        self._fd: int | None = None
+
+    def open(self, path: Path) -> None:
+        """Start following the session file at ``path``."""
+        self._fd = os.open(path, os.O_RDONLY)
+
+    def advance(self, count: int) -> None:
+        """Record ``count`` more bytes written and wake the followers."""
+        self.written += count
+        self._wake()
+
+    def finish(self, error: MirrorError | None) -> None:
+        """Mark the fetch verified and complete, or failed with ``error``."""
+        self.done, self.error = error is None, error
+        self.started.set()
+        self._wake()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def reader(self) -> int:
+        """A file descriptor to read the bytes from: the session file while fetching, the blob once stored."""
+        if self.error is not None:
+            raise self.error
+        return os.dup(self._fd) if self._fd is not None else os.open(self.committed, os.O_RDONLY)
+
+    async def progress(self) -> None:
+        """Wait until more bytes arrive or the fetch ends."""
+        await self._progress.wait()
+
+    def _wake(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+
+class FetchFollower:
+    """Streams a fetch's bytes as they land on disk, holding back the last byte until it is verified."""
+
+    def __init__(self, fetch: Fetch):
+        if fetch.error is not None:
+            raise fetch.error
+        self.fetch = fetch
+        self.size = fetch.size
+
+    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Yield ``[start, end)`` as the fetch writes it; raise the fetch's error if it fails."""
+        fetch, position = self.fetch, start
+        fd = fetch.reader()
+        try:
+            while end is None or position < end:
+                ready = fetch.written if fetch.done else fetch.written - 1
+                if position < ready:
+                    limit = ready if end is None else min(ready, end)
+                    chunk = os.pread(fd, min(CHUNK, limit - position), position)
+                    position += len(chunk)
+                    yield chunk
+                elif fetch.error is not None:
+                    raise fetch.error
+                elif fetch.done:
+                    return
+                else:
+                    await fetch.progress()
+        finally:
+            os.close(fd)
+
+
+class AccessIndex:
+    """Sizes and last use of pull-through blobs, for least-recently-used eviction (diskcache, multi-process safe)."""
+
+    def __init__(self, directory: Path):
+        self._index = diskcache.Cache(str(directory))
+        self._touched: dict[str, float] = {}
+
+    def record(self, digest: Digest, size: int) -> None:
+        """Note a newly cached blob."""
+        self._index.set(str(digest), (size, time.time()))
+
+    def touch(self, digest: Digest) -> None:
+        """Note that a cached blob was used (written at most once a minute per blob)."""
+        key, now = str(digest), time.time()
+        if now - self._touched.get(key, 0) > TOUCH_INTERVAL:
+            self._touched[key] = now
+            entry = self._index.get(key)
+            if entry is not None:
+                self._index.set(key, (entry[0], now))
+
+    def total(self) -> int:
+        """Bytes of all indexed blobs."""
+        return sum(self._index[key][0] for key in self._index)
+
+    def oldest_first(self) -> list[tuple[Digest, int]]:
+        """Every indexed blob with its size, least recently used first."""
+        entries = [(key, *self._index[key]) for key in self._index]
+        return [(Digest.parse(key), size) for key, size, _ in sorted(entries, key=lambda entry: entry[2])]
+
+    def forget(self, digest: Digest) -> None:
+        """Drop a blob from the index."""
+        self._index.delete(str(digest))
+        self._touched.pop(str(digest), None)
+
+    def close(self) -> None:
+        """Close the index."""
+        self._index.close()
+
+
+class PullThrough:
+    """Serves manifests and blobs from hosted content, the cache, or upstream, in that order."""
+
+    def __init__(self, config: Config, registry: Registry,
+                 client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient):
+        self.config = config
+        self.registry = registry
+        self.router = Router(config)
+        self.pins = Pins(config.storage.root)
+        self.index = AccessIndex(registry.blobs.layout.state / "cache-index")
+        self._clients = {upstream.name: client_factory(upstream) for upstream in config.upstreams}
+        self._fetches: dict[Digest, Fetch] = {}
+        self._manifest_fetches: dict[tuple[str, str], asyncio.Future[StoredManifest]] = {}
+        self._missing: dict[tuple[str, str], float] = {}
+
+    async def close(self) -> None:
+        """Release upstream connections and the index."""
+        for client in self._clients.values():
+            await client.close()
+        self.index.close()
+
+    # writes
+    def check_writable(self, name: str, ns: str | None) -> None:
+        """Refuse a push into a repository that mirrors an upstream, unless that upstream allows pushes."""
+        route = self.router.route(name, ns)
+        if route is not None and route.explicit and not route.upstream.allow_push:
+            raise Unsupported(f"{name} mirrors upstream {route.upstream.name}; pushes go to that registry",
+                              detail={"upstream": route.upstream.name})
+
+    # manifests
+    async def manifest(self, name: str, reference: str, ns: str | None = None) -> StoredManifest:
+        """The manifest ``reference`` of ``name``: hosted, cached (revalidated after its TTL) or fetched."""
+        route = self.router.route(name, ns)
+        if route is None or not route.explicit:
+            try:
+                return self.registry.get_manifest(name, reference)
+            except (ManifestUnknown, NameUnknown):
+                if route is None:
+                    raise
+        return await self._cached_manifest(route, reference)
+
+    async def _cached_manifest(self, route: Route, reference: str) -> StoredManifest:
+        store, metadata = route.store, self.registry.metadata
+        digest = Digest.parse(reference) if Digest.is_digest(reference) else metadata.resolve_tag(store, reference)
+        if digest is not None and metadata.manifest_media_type(store, digest) is not None:
+            if Digest.is_digest(reference) or self._fresh(route, reference, digest):
+                return self.registry.get_manifest(store, str(digest))
+            return await self._revalidate(route, reference, digest)
+        return await self._single_manifest_fetch(route, reference)
+
+    def _fresh(self, route: Route, tag: str, digest: Digest) -> bool:
+        if self.pins.is_pinned(digest):
+            return True
+        written = self.registry.metadata.tag_mtime(route.store, tag)
+        return written is not None and time.time() - written < route.upstream.manifest_ttl
+
+    async def _revalidate(self, route: Route, tag: str, cached: Digest) -> StoredManifest:
+        try:
+            digest, _, _ = await self._client(route).head_manifest(route.path, tag)
+        except UpstreamError as exc:
+            log.info("serving %s:%s stale: %s", route.store, tag, exc.message)
+            return self.registry.get_manifest(route.store, str(cached))
+        if digest == cached:
+            self.registry.metadata.touch_tag(route.store, tag)
+            return self.registry.get_manifest(route.store, str(cached))
+        return await self._single_manifest_fetch(route, tag)
+
+    async def _single_manifest_fetch(self, route: Route, reference: str) -> StoredManifest:
+        key = (route.store, reference)
+        if time.time() < self._missing.get(key, 0):
+            raise ManifestUnknown(f"manifest {reference} is not in upstream {route.upstream.name}/{route.path}")
+        future = self._manifest_fetches.get(key)
+        if future is None:
+            future = asyncio.ensure_future(self._fetch_manifest(route, reference))
+            self._manifest_fetches[key] = future
+            future.add_done_callback(lambda _: self._manifest_fetches.pop(key, None))
+        return await asyncio.shield(future)
+
+    async def _fetch_manifest(self, route: Route, reference: str) -> StoredManifest:
+        try:
+            body, media_type, digest = await self._client(route).get_manifest(route.path, reference)
+        except UpstreamNotFound as exc:
+            self._missing[(route.store, reference)] = time.time() + NEGATIVE_TTL
+            raise ManifestUnknown(f"manifest {reference} is not in upstream {route.upstream.name}/{route.path}",
+                                  detail={"upstream": route.upstream.name}) from exc
+        parsed = _lenient_parse(body, media_type, digest)
+        self.registry.store_manifest(route.store, parsed)
+        for descriptor in parsed.blobs:
+            with contextlib.suppress(MirrorError):
+                self.registry.metadata.link_blob(route.store, Digest.parse(descriptor["digest"]))
+        if not Digest.is_digest(reference):
+            self.registry.metadata.tag(route.store, reference, digest)
+        return StoredManifest(digest, media_type, body)
+
+    # blobs
+    async def blob(self, name: str, digest: Digest, ns: str | None = None) -> BlobSource:
+        """The blob ``digest`` of ``name``: hosted, cached, or being fetched from upstream right now."""
+        route = self.router.route(name, ns)
+        if route is None or not route.explicit:
+            try:
+                return StoredBlob(self.registry, digest, self.registry.blob_size(name, digest))
+            except BlobUnknown:
+                if route is None:
+                    raise
+        size = self.registry.blobs.stat(digest)
+        if size is not None and self.registry.metadata.has_blob(route.store, digest):
+            self.index.touch(digest)
+            return StoredBlob(self.registry, digest, size)
+        fetch = self._fetches.get(digest)
+        if fetch is None:
+            fetch = self._fetches[digest] = Fetch(digest, self.registry.blobs.layout.blob(digest))
+            asyncio.ensure_future(self._fetch_blob(route, fetch))
+        await fetch.started.wait()
+        return FetchFollower(fetch)
+
+    async def _fetch_blob(self, route: Route, fetch: Fetch) -> None:
+        writer = self.registry.blobs.writer()
+        error: MirrorError | None = None
+        try:
+            async with self._client(route).stream_blob(route.path, fetch.digest) as stream:
+                fetch.size = stream.size
+                fetch.open(writer.path)
+                fetch.started.set()
+                async for chunk in stream.aiter(CHUNK):
+                    writer.write(chunk)
+                    fetch.advance(len(chunk))
+            await asyncio.to_thread(writer.commit, fetch.digest)
+            self.registry.metadata.link_blob(route.store, fetch.digest)
+            self.index.record(fetch.digest, fetch.written)
+        except UpstreamNotFound as exc:
+            error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.upstream.name}/{route.path}",
+                                detail={"digest": str(fetch.digest)})
+            error.__cause__ = exc
+        except DigestInvalid as exc:
+            error = UpstreamInvalid(f"upstream sent corrupt content for {fetch.digest}: {exc.message}")
+        except MirrorError as exc:
+            error = exc
+        finally:
+            if error is not None:
+                writer.cancel()
+                log.warning("fetch of %s from %s failed: %s", fetch.digest, route.upstream.name, error.message)
+            self._fetches.pop(fetch.digest, None)
+            fetch.finish(error)
+        if error is None:
+            await asyncio.to_thread(self.evict)
+
+    # listings
+    def tags_repository(self, name: str, ns: str | None) -> str:
+        """The store repository whose tags answer a tag listing of ``name``."""
+        route = self.router.route(name, ns)
+        if route is None or (not route.explicit and self.registry.metadata.exists(name)):
+            return name
+        return route.store
+
+    # eviction
+    def evict(self) -> int:
+        """Evict least recently used cached blobs until the cache is within ``max_cache_size``; return bytes freed."""
+        limit = self.config.storage.max_cache_size
+        if limit is None:
+            return 0
+        total = self.index.total()
+        if total <= limit:
+            return 0
+        hosted = [name for name in self.registry.metadata.repositories() if self._is_hosted(name)]
+        freed = 0
+        for digest, size in self.index.oldest_first():
+            if total - freed <= limit:
+                break
+            if self.pins.is_pinned(digest) or any(self.registry.metadata.has_blob(h, digest) for h in hosted):
+                self.index.forget(digest)
+                continue
+            self.registry.blobs.delete(digest)
+            self.index.forget(digest)
+            freed += size
+        log.info("evicted %d bytes of cached blobs", freed)
+        return freed
+
+    def _is_hosted(self, name: str) -> bool:
+        return name.partition("/")[0] not in self.router.by_prefix
+
+    def _client(self, route: Route) -> UpstreamClient:
+        return self._clients[route.upstream.name]
+
+
+def _lenient_parse(body: bytes, media_type: str, digest: Digest) -> manifests.Manifest:
+    """Parse upstream content; types this registry does not validate are cached as they are."""
+    try:
+        return manifests.parse(body, media_type, digest.algorithm)
+    except ManifestInvalid:
+        if media_type in manifests.MANIFEST_TYPES:
+            raise UpstreamInvalid(f"upstream sent an invalid {media_type} manifest") from None
+        return manifests.Manifest(body, media_type, digest, {})
+
+
+async def prefetch_images(pull: PullThrough, references: list[str], default_registry: str) -> int:
+    """Pull every image (all platforms of an index) through the cache; return how many failed."""
+    failures = 0
+    for text in references:
+        try:
+            reference = Reference.parse(text, default_registry)
+            name = reference.store_name
+            count = await _prefetch_manifest(pull, name, reference.reference)
+            print(f"prefetched {reference}: {count} blobs", flush=True)
+        except (RegistryError, UpstreamError, NameInvalid) as exc:
+            failures += 1
+            print(f"failed {text}: {exc.message}", flush=True)
+    return failures
+
+
+async def _prefetch_manifest(pull: PullThrough, name: str, reference: str) -> int:
+    stored = await pull.manifest(name, reference)
+    parsed = _lenient_parse(stored.body, stored.media_type, stored.digest)
+    count = 0
+    for child in parsed.children:
+        count += await _prefetch_manifest(pull, name, child["digest"])
+    for descriptor in parsed.blobs:
+        if descriptor.get("urls"):
+            continue
+        source = await pull.blob(name, Digest.parse(descriptor["digest"]))
+        async for _ in source.chunks(0, source.size):
+            pass
+        count += 1
+    return count
+
+
+def prefetch(config: Config, images: list[str], list_file: str | None = None) -> int:
+    """``mirror prefetch``: warm the cache with ``images`` and those listed in ``list_file``; exit status."""
+    from mirror.server import build
+
+    references = list(images)
+    if list_file:
+        lines = Path(list_file).read_text().splitlines()
+        references += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not references:
+        print("mirror prefetch: no images given", flush=True)
+        return 2
+
+    async def run() -> int:
+        appliance = build(config)
+        try:
+            return await prefetch_images(appliance.cache, references, config.default_upstream or DOCKER_HUB)
+        finally:
+            await appliance.cache.close()
+
+    return 1 if asyncio.run(run()) else 0
