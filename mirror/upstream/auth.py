@@ -12,9 +12,9 @@ from the upstream is then answered once:
 
 Where secrets go (the rule):
 
-- The ``Authorization`` header (Basic or token) only ever goes to the upstream's own origin (scheme, host
-  and port of its URL). httpx drops it when a response redirects to another origin (blob storage, CDN),
-  and challenges coming from any other origin are not answered.
+- The ``Authorization`` header (Basic or token) only ever goes to the upstream's own host: httpx drops it
+  when a response redirects to another origin (blob storage, CDN) unless it is the same host's upgrade
+  from http to https, and challenges coming from any origin but the upstream URL's are not answered.
 - The username and password go to a token realm only when the realm is https, or on the upstream's own
   host (which the operator already trusts with them), or on a loopback address. Docker Hub's realm
   (https://auth.docker.io) qualifies; a plain-http realm elsewhere gets an anonymous request and a
