@@ -1,0 +1,263 @@
+"""Tar bytes of a bundle: streaming members out (optionally split into parts) and reading them back in.
+
+Writing never holds a member in memory: a header is written from the size announced, then the bytes
+stream through. The output appears under its final name only when complete.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import tarfile
+import uuid
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import BinaryIO
+
+from mirror.bundle.format import BUNDLE_JSON, SIGNATURE
+from mirror.errors import BundleInvalid, StorageError
+
+BLOCK = tarfile.BLOCKSIZE
+RECORD = tarfile.RECORDSIZE
+CHUNK = 1 << 20
+
+
+def part_name(output: Path, index: int) -> Path:
+    """The path of part ``index`` of a split bundle: ``OUT.tar.000``, ``OUT.tar.001``, ..."""
+    return output.with_name(f"{output.name}.{index:03d}")
+
+
+class Output(io.RawIOBase):
+    """The file(s) a bundle is written to: one ``OUT.tar``, or parts of at most ``split`` bytes each.
+
+    Everything is written under temporary names and renamed into place by ``finish``; ``abort`` removes it.
+    """
+
+    def __init__(self, path: Path, split: int | None = None):
+        super().__init__()
+        if split is not None and split <= 0:
+            raise StorageError("--split must be a positive size")
+        self.path, self.split = Path(path), split
+        self.paths: list[Path] = []
+        self._temps: list[Path] = []
+        self._file: BinaryIO | None = None
+        self._room = 0
+
+    def writable(self) -> bool:
+        """Always true."""
+        return True
+
+    def write(self, data: bytes) -> int:  # type: ignore[override]
+        """Append ``data``, starting a new part whenever the current one is full."""
+        view = memoryview(data)
+        while view:
+            if self._file is None or (self.split is not None and self._room == 0):
+                self._next_part()
+            count = len(view) if self.split is None else min(len(view), self._room)
+            self._file.write(view[:count])  # type: ignore[union-attr]
+            self._room -= count
+            view = view[count:]
+        return len(data)
+
+    def _next_part(self) -> None:
+        self._close_part()
+        final = self.path if self.split is None else part_name(self.path, len(self.paths))
+        temp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.partial")
+        self._file = open(temp, "wb")  # noqa: SIM115 - closed by _close_part
+        self.paths.append(final)
+        self._temps.append(temp)
+        self._room = self.split or 0
+
+    def _close_part(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+
+    def finish(self) -> list[Path]:
+        """Make every part durable and give it its final name; return the paths written."""
+        if self._file is None and not self.paths:
+            self._next_part()
+        self._close_part()
+        for temp, final in zip(self._temps, self.paths, strict=True):
+            os.replace(temp, final)
+        return self.paths
+
+    def abort(self) -> None:
+        """Remove whatever was written."""
+        with contextlib.suppress(OSError):
+            if self._file is not None:
+                self._file.close()
+        for temp in self._temps:
+            with contextlib.suppress(OSError):
+                temp.unlink()
+
+
+class TarWriter:
+    """Writes tar members to a stream: whole small members, or a header then streamed bytes."""
+
+    def __init__(self, out: BinaryIO, mtime: int):
+        self._out = out
+        self._mtime = mtime
+        self._pending = 0
+        self.offset = 0
+
+    def add(self, name: str, data: bytes) -> None:
+        """Write member ``name`` holding ``data``."""
+        self.begin(name, len(data))
+        self.write(data)
+        self.end()
+
+    def begin(self, name: str, size: int) -> None:
+        """Write the header of member ``name`` of ``size`` bytes; its bytes follow with ``write``."""
+        info = tarfile.TarInfo(name)
+        info.size, info.mtime, info.mode = size, self._mtime, 0o644
+        self._emit(info.tobuf(tarfile.PAX_FORMAT, "utf-8", "surrogateescape"))
+        self._pending = size
+
+    def write(self, data: bytes) -> None:
+        """Write the next bytes of the current member."""
+        if len(data) > self._pending:
+            raise BundleInvalid("a member is longer than its header announced")
+        self._pending -= len(data)
+        self._emit(data)
+
+    def end(self) -> None:
+        """Finish the current member (padding it to a block)."""
+        if self._pending:
+            raise BundleInvalid(f"a member ended {self._pending} bytes short of its announced size")
+        if self.offset % BLOCK:
+            self._emit(b"\0" * (BLOCK - self.offset % BLOCK))
+
+    def close(self) -> None:
+        """Write the end-of-archive marker, padded to a whole record."""
+        self._emit(b"\0" * (2 * BLOCK))
+        if self.offset % RECORD:
+            self._emit(b"\0" * (RECORD - self.offset % RECORD))
+
+    def _emit(self, data: bytes) -> None:
+        self._out.write(data)
+        self.offset += len(data)
+
+
+class PartsReader(io.RawIOBase):
+    """The concatenation of one or more files, readable and seekable as one."""
+
+    def __init__(self, paths: Sequence[Path]):
+        super().__init__()
+        self._files = [open(path, "rb") for path in paths]  # noqa: SIM115 - closed by close()
+        self._sizes = [os.fstat(file.fileno()).st_size for file in self._files]
+        self.size = sum(self._sizes)
+        self._position = 0
+
+    def readable(self) -> bool:
+        """Always true."""
+        return True
+
+    def seekable(self) -> bool:
+        """Always true."""
+        return True
+
+    def tell(self) -> int:
+        """The position in the concatenation."""
+        return self._position
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        """Move to ``offset`` from the start, the current position or the end."""
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._position, io.SEEK_END: self.size}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def readinto(self, buffer: bytearray | memoryview) -> int:  # type: ignore[override]
+        """Read from the part that holds the current position."""
+        start = 0
+        for file, size in zip(self._files, self._sizes, strict=True):
+            if self._position < start + size:
+                file.seek(self._position - start)
+                count = file.readinto(memoryview(buffer)[:start + size - self._position])
+                self._position += count
+                return count
+            start += size
+        return 0
+
+    def close(self) -> None:
+        """Close every part."""
+        for file in self._files:
+            file.close()
+        super().close()
+
+
+def resolve_parts(paths: Sequence[str | Path]) -> list[Path]:
+    """The files making up a bundle: as given, or ``OUT.tar.000``... when only ``OUT.tar`` is named."""
+    found = [Path(path) for path in paths]
+    if len(found) == 1 and not found[0].exists() and part_name(found[0], 0).exists():
+        found = []
+        while part_name(Path(paths[0]), len(found)).exists():
+            found.append(part_name(Path(paths[0]), len(found)))
+    for path in found:
+        if not path.is_file():
+            raise BundleInvalid(f"{path}: no such file")
+    return found
+
+
+class BundleArchive:
+    """A bundle opened for reading: ``bundle.json`` and its signature first, then the remaining members."""
+
+    def __init__(self, paths: Sequence[str | Path]):
+        self.paths = resolve_parts(paths)
+        self._reader = PartsReader(self.paths)
+        self.size = self._reader.size
+        try:
+            self._tar = tarfile.open(fileobj=io.BufferedReader(self._reader, CHUNK), mode="r:")  # noqa: SIM115
+            first = self._tar.next()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise BundleInvalid(f"{self.paths[0]}: not a tar archive ({exc})") from exc
+        if first is None or first.name != BUNDLE_JSON or not first.isfile():
+            raise BundleInvalid(f"{self.paths[0]}: the first member is not {BUNDLE_JSON} (not a bundle?)")
+        self.bundle_json = self._read(first)
+        self.signature: bytes | None = None
+        self._next = self._advance()
+        if self._next is not None and self._next.name == SIGNATURE:
+            self.signature = self._read(self._next)
+            self._next = self._advance()
+
+    def members(self) -> Iterator[tuple[str, int, BinaryIO | None]]:
+        """Each remaining member as (name, size, file); the file is None for anything but a regular file."""
+        while self._next is not None:
+            member = self._next
+            yield member.name, member.size, self._tar.extractfile(member) if member.isfile() else None
+            self._next = self._advance()
+
+    def chunks(self, file: BinaryIO) -> Iterator[bytes]:
+        """The bytes of a member's ``file`` in chunks; raise BundleInvalid when the archive ends early."""
+        try:
+            while chunk := file.read(CHUNK):
+                yield chunk
+        except (tarfile.TarError, OSError) as exc:
+            raise BundleInvalid(f"the bundle is truncated (all parts given, in order?): {exc}") from exc
+
+    def _advance(self) -> tarfile.TarInfo | None:
+        try:
+            return self._tar.next()
+        except (tarfile.TarError, OSError, EOFError) as exc:
+            raise BundleInvalid(f"the bundle is truncated or damaged after byte {self._reader.tell()} "
+                                f"(all parts given, in order?): {exc}") from exc
+
+    def _read(self, member: tarfile.TarInfo) -> bytes:
+        file = self._tar.extractfile(member)
+        data = file.read() if file else b""
+        if len(data) != member.size:
+            raise BundleInvalid(f"{member.name}: truncated")
+        return data
+
+    def close(self) -> None:
+        """Close the files."""
+        self._tar.close()
+        self._reader.close()
+
+    def __enter__(self) -> BundleArchive:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

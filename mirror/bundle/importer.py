@@ -1,0 +1,170 @@
+"""``mirror bundle import``: verify and stream a bundle into the store, then publish its images.
+
+Order, so that a client never sees half an image and a failure changes nothing it can see:
+
+1. the signature is checked (when keys are trusted) and a delta's base blobs are looked up in the store;
+   either failing refuses the bundle before anything is written;
+2. every blob streams from the tar into a staging store (``state/imports/<bundle id>``), its digest and
+   size verified on commit; blobs the store or the staging store already hold are skipped, so a rerun
+   after a kill resumes without rewriting them; a bad blob discards the staging store;
+3. staged blobs are renamed into the store (same file system: no copy);
+4. per image, manifests and blob links are written, everything is pinned, and the tag comes last.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import sys
+from collections.abc import Sequence
+from typing import BinaryIO
+
+from mirror import manifest as manifests
+from mirror.bundle import format, signing, verify
+from mirror.bundle.archive import BundleArchive
+from mirror.bundle.format import BlobEntry, Bundle, ImageEntry
+from mirror.bundle.progress import Progress
+from mirror.config import Config
+from mirror.digest import Digest
+from mirror.errors import BundleError, BundleInvalid, DigestInvalid
+from mirror.reference import Reference
+from mirror.registry import Registry
+from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage.pins import Pins
+
+
+def run(config: Config, paths: Sequence[str], trust: Sequence[str] = ()) -> int:
+    """Import the bundle made of ``paths`` into the store of ``config``; return the exit status."""
+    keys = [signing.load_public_key(path) for path in [*trust, *config.trusted_keys]]
+    try:
+        with BundleArchive(paths) as archive:
+            print(signing.check(archive.bundle_json, archive.signature, keys))
+            bundle = Bundle.from_json(archive.bundle_json)
+            Importer(config, bundle, Digest.of(archive.bundle_json)).run(archive)
+    except BundleError as exc:
+        print(f"mirror: import refused: {exc.message}", file=sys.stderr)
+        return 1
+    return 0
+
+
+class Importer:
+    """Brings one bundle's blobs and images into a store."""
+
+    def __init__(self, config: Config, bundle: Bundle, bundle_id: Digest):
+        self.bundle = bundle
+        self.root = config.storage.root
+        self.bundle_id = bundle_id
+
+    def run(self, archive: BundleArchive) -> None:
+        """Check the base, stage and verify every blob, move them into the store, publish the images."""
+        store = FilesystemBlobStore(self.root) if self.root.is_dir() else None
+        missing = [blob for blob in self.bundle.blobs
+                   if blob.in_base and (store is None or store.stat(blob.digest) != blob.size)]
+        if missing:
+            raise BundleInvalid(f"the base of this delta is not in the store: {len(missing)} blobs missing: "
+                                + ", ".join(str(blob.digest) for blob in missing))
+        store = store or FilesystemBlobStore(self.root)
+        staging_root = store.layout.import_staging(self.bundle_id.hex[:32])
+        staging = FilesystemBlobStore(staging_root)
+        try:
+            written, skipped = self._stage(archive, store, staging)
+            self._check(store, staging)
+        except BundleError:
+            shutil.rmtree(staging_root, ignore_errors=True)
+            raise
+        for blob in self.bundle.blobs:
+            _promote(staging, store, blob.digest)
+        registry, pins = Registry(store, Metadata(self.root)), Pins(self.root)
+        for image in self.bundle.images:
+            self._publish(registry, pins, image)
+        shutil.rmtree(staging_root, ignore_errors=True)
+        print(f"imported {len(self.bundle.images)} images: {written} blobs written, {skipped} already present "
+              f"(bundle id {self.bundle_id})")
+
+    def _stage(self, archive: BundleArchive, store: FilesystemBlobStore,
+               staging: FilesystemBlobStore) -> tuple[int, int]:
+        expected = {blob.digest: blob for blob in self.bundle.included}
+        written = skipped = 0
+        with Progress("import", sum(blob.size for blob in expected.values())) as progress:
+            for name, _, file in archive.members():
+                digest = format.member_digest(name)
+                blob = expected.pop(digest, None) if digest else None
+                if blob is None or file is None:
+                    continue  # layout members (and anything verify would flag) are not imported
+                if blob.size in (store.stat(blob.digest), staging.stat(blob.digest)):
+                    skipped += 1
+                    progress.update(blob.size)
+                else:
+                    _stage_blob(archive, staging, blob, file, progress)
+                    written += 1
+        return written, skipped
+
+    def _check(self, store: FilesystemBlobStore, staging: FilesystemBlobStore) -> None:
+        missing = [blob for blob in self.bundle.blobs
+                   if blob.size not in (store.stat(blob.digest), staging.stat(blob.digest))]
+        if missing:
+            raise BundleInvalid("missing members: " + ", ".join(
+                f"{format.blob_member(blob.digest)} (blob {blob.digest})" for blob in missing))
+
+        def read(digest: Digest) -> bytes:
+            return (staging if staging.stat(digest) is not None else store).read(digest)
+
+        problems = verify.check_closure(self.bundle, read)
+        if problems:
+            raise BundleInvalid("; ".join(problems))
+
+    def _publish(self, registry: Registry, pins: Pins, image: ImageEntry) -> None:
+        """Store the image's manifests and links, pin its blobs, then tag it."""
+        ref = Reference.parse(image.reference)
+        name = ref.store_name
+        for digest, media_type in [*((r.digest, r.media_type) for r in image.referrers),
+                                   (image.digest, image.media_type)]:
+            self._store_manifest(registry, pins, name, digest, media_type)
+        for referrer in image.referrers:
+            if referrer.tag:
+                registry.metadata.tag(name, referrer.tag, referrer.digest)
+        if ref.tag:
+            registry.metadata.tag(name, ref.tag, image.digest)
+        print(f"{image.reference}: {image.digest} published as {name}" + (f":{ref.tag}" if ref.tag else ""))
+
+    def _store_manifest(self, registry: Registry, pins: Pins, name: str, digest: Digest, media_type: str) -> None:
+        manifest = manifests.parse(registry.blobs.read(digest), media_type)
+        for child in manifest.children:
+            self._store_manifest(registry, pins, name, Digest.parse(child["digest"]), child["mediaType"])
+        for blob in manifest.blobs:
+            if not blob.get("urls"):
+                blob_digest = Digest.parse(blob["digest"])
+                registry.metadata.link_blob(name, blob_digest)
+                pins.pin(blob_digest)
+        registry.store_manifest(name, manifest)
+        pins.pin(digest)
+
+
+def _stage_blob(archive: BundleArchive, staging: FilesystemBlobStore, blob: BlobEntry, file: BinaryIO,
+                progress: Progress) -> None:
+    """Stream one member into the staging store; raise BundleInvalid naming the blob when it is wrong."""
+    writer = staging.writer()
+    try:
+        for chunk in archive.chunks(file):
+            writer.write(chunk)
+            progress.update(len(chunk))
+        problems = verify.blob_problems(blob, writer.size, None)
+        if problems:
+            raise BundleInvalid(problems[0])
+        writer.commit(blob.digest)
+    except DigestInvalid as exc:
+        writer.cancel()
+        actual = Digest.parse(exc.detail["actual"]) if isinstance(exc.detail, dict) else None
+        raise BundleInvalid((verify.blob_problems(blob, blob.size, actual) or [exc.message])[0]) from exc
+    except BaseException:
+        writer.cancel()
+        raise
+
+
+def _promote(staging: FilesystemBlobStore, store: FilesystemBlobStore, digest: Digest) -> None:
+    """Move a verified staged blob into the store by a rename (atomic, no copy)."""
+    source = staging.layout.blob(digest)
+    if not source.exists():
+        return
+    target = store.layout.blob(digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    os.replace(source, target)

@@ -1,0 +1,106 @@
+"""Where an export reads images from: the configured upstreams (with their credentials), then the local store.
+
+Tags are asked of the upstream first (it knows where a tag points now) and of the store when the upstream
+fails or is not configured; anything by digest and every blob is taken from the store when it has it.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+from mirror.config import Config
+from mirror.digest import Digest
+from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, UpstreamNotFound
+from mirror.reference import Reference, normalise_registry
+from mirror.registry import Registry
+from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.upstream import UpstreamClient
+
+CHUNK = 1 << 20
+COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+
+
+class Sources:
+    """Manifests, blobs and referrers of images, from upstreams or the local store."""
+
+    def __init__(self, config: Config):
+        self._config = config
+        self._clients: dict[str, UpstreamClient] = {}
+        root = config.storage.root
+        self._store = Registry(FilesystemBlobStore(root), Metadata(root)) if root.is_dir() else None
+
+    async def manifest(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest]:
+        """Body, media type and digest of ``reference`` (tag or digest) in the repository of ``ref``."""
+        problems: list[str] = []
+        order = (self._from_store, self._from_upstream)
+        for source in order if Digest.is_digest(reference) else reversed(order):
+            try:
+                found = await source(ref, reference)
+            except (MirrorError, OSError) as exc:
+                problems.append(getattr(exc, "message", None) or str(exc))
+                continue
+            if found is not None:
+                return found
+        problems = problems or ["no upstream is configured for it and the store does not hold it"]
+        separator = "@" if Digest.is_digest(reference) else ":"
+        raise ManifestUnknown(f"cannot resolve {ref.name}{separator}{reference}: {'; '.join(problems)}")
+
+    async def blob(self, ref: Reference, digest: Digest) -> AsyncIterator[bytes]:
+        """The bytes of blob ``digest`` of the image ``ref``, in chunks."""
+        if self._store is not None and self._store.blobs.stat(digest) is not None:
+            with self._store.blobs.open(digest) as file:
+                while chunk := file.read(CHUNK):
+                    yield chunk
+            return
+        client = self._client(ref)
+        if client is None:
+            raise BlobUnknown(f"blob {digest} of {ref.name} is not in the store and no upstream serves "
+                              f"{ref.registry}")
+        async with client.stream_blob(ref.repository, digest) as stream:
+            async for chunk in stream.aiter(CHUNK):
+                yield chunk
+
+    async def referrers(self, ref: Reference, subject: Digest) -> list[tuple[str | None, Digest]]:
+        """(cosign tag or None, digest) of each manifest referring to ``subject``: cosign-style tags and,
+        from the store, the referrers API's records."""
+        found: list[tuple[str | None, Digest]] = []
+        for suffix in COSIGN_SUFFIXES:
+            tag = f"{subject.algorithm}-{subject.hex}{suffix}"
+            with contextlib.suppress(ManifestUnknown):
+                found.append((tag, (await self.manifest(ref, tag))[2]))
+        if self._store is not None:
+            with contextlib.suppress(MirrorError):
+                index = self._store.referrers(ref.store_name, subject, None)
+                known = {digest for _, digest in found}
+                found += [(None, d) for d in (Digest.parse(m["digest"]) for m in index["manifests"])
+                          if d not in known]
+        return found
+
+    async def close(self) -> None:
+        """Close the upstream connections."""
+        for client in self._clients.values():
+            await client.close()
+
+    async def _from_store(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest] | None:
+        if self._store is None:
+            return None
+        stored = self._store.get_manifest(ref.store_name, reference)
+        return stored.body, stored.media_type, stored.digest
+
+    async def _from_upstream(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest] | None:
+        client = self._client(ref)
+        if client is None:
+            return None
+        try:
+            return await client.get_manifest(ref.repository, reference)
+        except UpstreamNotFound as exc:
+            raise ManifestUnknown(exc.message) from exc
+
+    def _client(self, ref: Reference) -> UpstreamClient | None:
+        upstreams = self._config.upstreams
+        upstream = next((u for u in upstreams if normalise_registry(u.name) == ref.registry), None)
+        if upstream is None:
+            return None
+        if upstream.name not in self._clients:
+            self._clients[upstream.name] = UpstreamClient(upstream)
+        return self._clients[upstream.name]

@@ -1,0 +1,246 @@
+"""Offline bundles on stores filled directly: export, verify, import, signatures, corruption, deltas, splits."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from mirror import cli
+from mirror.bundle import format
+from mirror.digest import Digest
+from mirror.reference import Reference
+from mirror.registry import Registry
+from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage.pins import Pins
+from tests.images import Blob, Image, Index, build_image, build_index
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def fill(root: Path, reference: str, artifact: Image | Index, extra_tags: dict[str, Blob] | None = None) -> None:
+    """Store ``artifact`` under ``reference`` as the cache or an import would (repository ``<host>/<path>``)."""
+    registry = Registry(FilesystemBlobStore(root), Metadata(root))
+    ref = Reference.parse(reference)
+    for blob in [*artifact.blobs, *(image.manifest for image in artifact.images), artifact.manifest]:
+        writer = registry.blobs.writer()
+        writer.write(blob.data)
+        registry.finish_upload(ref.store_name, writer, Digest.parse(blob.digest))
+    for image in artifact.images if isinstance(artifact, Index) else ():
+        registry.put_manifest(ref.store_name, image.digest, image.manifest.data, image.manifest.media_type)
+    registry.put_manifest(ref.store_name, ref.tag, artifact.manifest.data, artifact.manifest.media_type)
+    for tag, manifest in (extra_tags or {}).items():
+        registry.put_manifest(ref.store_name, tag, manifest.data, manifest.media_type)
+
+
+def write_config(path: Path, root: Path, **extra: object) -> Path:
+    """A config file with a store at ``root`` and no upstreams."""
+    path.write_text(yaml.safe_dump({"storage": {"root": str(root)}, "upstreams": [], **extra}))
+    return path
+
+
+def mirror(*argv: str | Path) -> int:
+    """Run the ``mirror`` command in this process."""
+    return cli.main([str(arg) for arg in argv])
+
+
+def snapshot(root: Path) -> dict[str, bytes]:
+    """Every file under ``root`` (except upload sessions) with its content."""
+    if not root.exists():
+        return {}
+    return {str(path.relative_to(root)): path.read_bytes() for path in sorted(root.rglob("*"))
+            if path.is_file() and "uploads" not in path.parts}
+
+
+def members(bundle: Path) -> list[str]:
+    """The member names of a bundle tar, in order."""
+    with tarfile.open(bundle) as tar:
+        return tar.getnames()
+
+
+@pytest.fixture
+def source(tmp_path):
+    """A store holding alpine:3.20 (one platform) and a two-platform app index sharing nothing with it."""
+    root = tmp_path / "source-store"
+    alpine = build_image("alpine", layers=2)
+    app = build_index("app", layers=2)
+    fill(root, "alpine:3.20", alpine)
+    fill(root, "ghcr.io/org/app:1.0", app)
+    return {"root": root, "config": write_config(tmp_path / "source.yaml", root), "alpine": alpine, "app": app}
+
+
+@pytest.fixture
+def target(tmp_path):
+    """An empty second store."""
+    root = tmp_path / "target-store"
+    return {"root": root, "config": write_config(tmp_path / "target.yaml", root)}
+
+
+@pytest.fixture
+def keys(tmp_path):
+    """A signing key pair and a second, unrelated one."""
+    assert mirror("bundle", "keygen", tmp_path / "sign.key") == 0
+    assert mirror("bundle", "keygen", tmp_path / "other.key") == 0
+    return {"key": tmp_path / "sign.key", "pub": tmp_path / "sign.key.pub", "other": tmp_path / "other.key.pub"}
+
+
+def export(source, out: Path, *args: str | Path, refs=("alpine:3.20", "ghcr.io/org/app:1.0")) -> Path:
+    """Export ``refs`` from the source store; assert success."""
+    assert mirror("bundle", "export", "--config", source["config"], "--output", out, *args, *refs) == 0
+    return out
+
+
+def test_keygen_writes_private_key_0600_and_public_key(keys):
+    assert os.stat(keys["key"]).st_mode & 0o777 == 0o600
+    assert b"PUBLIC KEY" in keys["pub"].read_bytes()
+    assert mirror("bundle", "keygen", keys["key"]) == 1  # never overwrites a key
+
+
+def test_export_verify_import_round_trip(source, target, keys, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar", "--sign-key", keys["key"])
+    names = members(bundle)
+    assert names[:5] == ["bundle.json", "bundle.json.sig", "oci-layout", "index.json", "manifest.json"]
+    assert len(names) == len(set(names))
+    assert mirror("bundle", "verify", "--trust", keys["pub"], bundle) == 0
+    assert "verified" in capsys.readouterr().out
+
+    assert mirror("bundle", "import", "--config", target["config"], "--trust", keys["pub"], bundle) == 0
+    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    for reference, artifact in (("docker.io/library/alpine", source["alpine"]),
+                                ("ghcr.io/org/app", source["app"])):
+        tag = "3.20" if "alpine" in reference else "1.0"
+        stored = registry.get_manifest(reference, tag)
+        assert stored.body == artifact.manifest.data and stored.media_type == artifact.manifest.media_type
+        for blob in artifact.blobs:
+            with registry.open_blob(reference, Digest.parse(blob.digest)) as file:
+                assert file.read() == blob.data
+            assert Pins(target["root"]).is_pinned(Digest.parse(blob.digest))
+    for image in source["app"].images:
+        assert registry.get_manifest("ghcr.io/org/app", image.digest).body == image.manifest.data
+    assert not (target["root"] / "state" / "imports").exists() or not any((target["root"] / "state" / "imports").iterdir())
+
+    before = snapshot(target["root"])
+    assert mirror("bundle", "import", "--config", target["config"], bundle) == 0  # twice is harmless
+    assert "0 blobs written" in capsys.readouterr().out
+    assert set(snapshot(target["root"])) == set(before)
+
+
+def test_bundle_json_lists_images_and_every_blob_once(source, tmp_path):
+    shared = build_image("shared", layers=1)
+    fill(source["root"], "example.com/one:1", shared)
+    fill(source["root"], "example.com/two:1", shared)
+    bundle = export(source, tmp_path / "out.tar", refs=("example.com/one:1", "example.com/two:1"))
+    with tarfile.open(bundle) as tar:
+        described = format.Bundle.from_json(tar.extractfile("bundle.json").read())
+        index = json.loads(tar.extractfile("index.json").read())
+        docker = json.loads(tar.extractfile("manifest.json").read())
+    assert [image.reference for image in described.images] == ["example.com/one:1", "example.com/two:1"]
+    assert {str(blob.digest) for blob in described.blobs} == {b.digest for b in (*shared.blobs, shared.manifest)}
+    assert len([n for n in members(bundle) if n.startswith("blobs/")]) == len(described.blobs) == 3
+    assert [m["annotations"][format.REF_NAME] for m in index["manifests"]] == ["example.com/one:1",
+                                                                                "example.com/two:1"]
+    assert docker[0]["RepoTags"] == ["example.com/one:1"]
+    assert docker[0]["Config"] == "blobs/sha256/" + shared.config.digest.removeprefix("sha256:")
+
+
+def test_untrusted_and_unsigned_bundles_are_refused_before_writing(source, target, keys, tmp_path, capsys):
+    signed = export(source, tmp_path / "signed.tar", "--sign-key", keys["key"])
+    unsigned = export(source, tmp_path / "unsigned.tar")
+    assert mirror("bundle", "verify", "--trust", keys["other"], signed) == 1
+    assert "not trusted" in capsys.readouterr().err
+    assert mirror("bundle", "import", "--config", target["config"], "--trust", keys["other"], signed) == 1
+    assert "not trusted" in capsys.readouterr().err
+    assert mirror("bundle", "import", "--config", target["config"], "--trust", keys["pub"], unsigned) == 1
+    assert "unsigned" in capsys.readouterr().err
+    configured = write_config(tmp_path / "trusting.yaml", target["root"], trusted_keys=[str(keys["pub"])])
+    assert mirror("bundle", "import", "--config", configured, unsigned) == 1
+    assert snapshot(target["root"]) == {}
+
+
+def test_tampered_bundle_json_fails_the_signature(source, keys, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar", "--sign-key", keys["key"])
+    data = bytearray(bundle.read_bytes())
+    position = data.index(b'"created": "') + len('"created": "')
+    data[position] = ord("1") if data[position] != ord("1") else ord("2")
+    bundle.write_bytes(bytes(data))
+    assert mirror("bundle", "verify", "--trust", keys["pub"], bundle) == 1
+    assert "does not match its signature" in capsys.readouterr().err
+
+
+def flip_byte_in(bundle: Path, digest: str) -> None:
+    """Flip one byte in the middle of the member holding blob ``digest``."""
+    with tarfile.open(bundle) as tar:
+        member = tar.getmember("blobs/sha256/" + digest.removeprefix("sha256:"))
+    with open(bundle, "r+b") as file:
+        file.seek(member.offset_data + member.size // 2)
+        byte = file.read(1)
+        file.seek(-1, os.SEEK_CUR)
+        file.write(bytes([byte[0] ^ 0xFF]))
+
+
+def test_one_flipped_byte_fails_verify_and_import_naming_the_blob(source, target, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar")
+    layer = source["app"].images[1].layers[1].digest
+    flip_byte_in(bundle, layer)
+    assert mirror("bundle", "verify", bundle) == 1
+    err = capsys.readouterr().err
+    assert f"blob {layer}: digest mismatch" in err and err.count("problem:") == 1
+    target["root"].mkdir()
+    before = snapshot(target["root"])
+    assert mirror("bundle", "import", "--config", target["config"], bundle) == 1
+    assert f"blob {layer}: digest mismatch" in capsys.readouterr().err
+    assert snapshot(target["root"]) == before
+    assert not Metadata(target["root"]).repositories()
+
+
+def test_truncated_bundle_and_missing_part_are_named(source, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar")
+    short = tmp_path / "short.tar"
+    short.write_bytes(bundle.read_bytes()[: bundle.stat().st_size // 2])
+    assert mirror("bundle", "verify", short) == 1
+    assert "truncated" in capsys.readouterr().err
+
+
+def test_delta_carries_only_new_blobs_and_needs_its_base(source, target, tmp_path, capsys):
+    first = export(source, tmp_path / "first.tar", refs=("alpine:3.20",))
+    newer = build_image_on(source["alpine"], "3.21")
+    fill(source["root"], "alpine:3.21", newer)
+    delta = export(source, tmp_path / "delta.tar", "--base", first, refs=("alpine:3.21",))
+    carried = {n.removeprefix("blobs/sha256/") for n in members(delta) if n.startswith("blobs/")}
+    old = {b.digest.removeprefix("sha256:") for b in (*source["alpine"].blobs, source["alpine"].manifest)}
+    assert carried and not carried & old
+    capsys.readouterr()
+
+    assert mirror("bundle", "import", "--config", target["config"], delta) == 1
+    err = capsys.readouterr().err
+    assert "base" in err and source["alpine"].layers[0].digest in err
+    assert not Metadata(target["root"]).repositories()
+
+    assert mirror("bundle", "import", "--config", target["config"], first) == 0
+    assert mirror("bundle", "verify", delta) == 0
+    assert mirror("bundle", "import", "--config", target["config"], delta) == 0
+    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    assert registry.get_manifest("docker.io/library/alpine", "3.21").body == newer.manifest.data
+    for blob in newer.blobs:
+        assert registry.blob_size("docker.io/library/alpine", Digest.parse(blob.digest)) == blob.size
+
+
+def build_image_on(base: Image, seed: str) -> Image:
+    """An image with ``base``'s layers plus one new layer."""
+    extra = build_image(seed, layers=1)
+    config = json.loads(base.config.data)
+    config["rootfs"]["diff_ids"] += json.loads(extra.config.data)["rootfs"]["diff_ids"]
+    config_blob = Blob(base.config.media_type, json.dumps(config).encode())
+    layers = (*base.layers, *extra.layers)
+    manifest = json.loads(base.manifest.data)
+    manifest["config"] = config_blob.descriptor()
+    manifest["layers"] = [layer.descriptor() for layer in layers]
+    return Image(config_blob, layers, Blob(base.manifest.media_type, json.dumps(manifest).encode()),
+                 base.os, base.architecture)
