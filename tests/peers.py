@@ -51,13 +51,16 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def require(program: str) -> str:
-    """The path of ``program``; skip the test if it is missing, or fail it when CI=true."""
+def require(program: str, root: bool = False) -> str:
+    """The path of ``program``; skip the test if it is missing (or needs root), or fail it when CI=true."""
     path = program if os.path.isabs(program) else shutil.which(
         program, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"]))
-    if path and os.access(path, os.X_OK):
+    if not (path and os.access(path, os.X_OK)):
+        reason = f"{program} is not installed (tools/test installs it)"
+    elif root and os.geteuid() != 0:
+        reason = f"{program} needs root here"
+    else:
         return path
-    reason = f"{program} is not installed (tools/test installs it)"
     if os.environ.get("CI") == "true":
         pytest.fail(reason, pytrace=False)
     pytest.skip(reason)
@@ -438,7 +441,7 @@ class Dockerd(PeerProcess):
 
     def start(self) -> Dockerd:
         """Start its containerd, then dockerd, and wait until dockerd answers ``/_ping``."""
-        program = require("/usr/sbin/dockerd")
+        program = require("/usr/sbin/dockerd", root=True)
         require(DOCKER_CLIENT)
         self._write_config()
         self.containerd.start()
@@ -499,7 +502,7 @@ class Containerd(PeerProcess):
 
     def start(self) -> Containerd:
         """Write its config, start containerd and wait until ``ctr version`` answers."""
-        program = require("/usr/bin/containerd")
+        program = require("/usr/bin/containerd", root=True)
         require("/usr/bin/ctr")
         self.config_path.write_text(self._config())
         self._spawn([program, "--config", str(self.config_path)])
@@ -570,7 +573,7 @@ class Podman:
     def podman(self, *args: str, check: bool = True,
                timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``podman`` with this instance's storage and configuration."""
-        program = require("podman")
+        program = require("podman", root=True)
         return run([program, "--root", str(self.workdir / "root"), "--runroot", str(self.runtime_dir),
                     "--storage-driver", "vfs", *args], check=check, timeout=timeout,
                    env={"CONTAINERS_REGISTRIES_CONF": str(self.registries_conf),
@@ -655,3 +658,9 @@ class MirrorProcess(PeerProcess):
                     env={"PYTHONPATH": python_path, **self.env}, cwd=REPO_ROOT)
         self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
         return self
+
+    def run_cli(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
+        """Run ``python -m mirror ARGS --config <this mirror's config>`` (e.g. prefetch, gc, inventory)."""
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        return run([sys.executable, "-m", "mirror", *args[:1], "--config", str(self.config_path), *args[1:]],
+                   env={"PYTHONPATH": python_path, **self.env}, check=check, timeout=timeout)

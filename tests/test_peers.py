@@ -6,8 +6,8 @@ import json
 import httpx
 import pytest
 
-from tests.images import BearerAuth, build_image, build_index, push, write_oci_layout
-from tests.peers import DistributionRegistry, PeerError, TokenServer, write_hosts_toml
+from tests.images import OCI_MANIFEST, BearerAuth, build_image, build_index, push, write_oci_layout
+from tests.peers import DistributionRegistry, MirrorProcess, PeerError, TokenServer, write_hosts_toml
 
 
 @pytest.fixture
@@ -130,3 +130,20 @@ def test_containerd_pulls_through_a_hosts_toml_mirror(registry, containerd, tmp_
     listed = containerd.ctr("images", "list", "--quiet").stdout.split()
     assert "registry.test/library/ctr:v1" in listed
     assert registry.count_requests("GET", "/v2/library/ctr/manifests/") >= 1
+
+
+def test_mirror_process_serves_and_restarts_on_its_port(tmp_path):
+    image = build_image(seed="mirror", oci=True)
+    with MirrorProcess(tmp_path / "mirror", {"upstreams": []}) as mirror:
+        push(mirror.url, "test/mirror", "v1", image)
+        mirror.stop()
+        mirror.start()
+        response = httpx.get(f"{mirror.url}/v2/test/mirror/manifests/v1", headers={"Accept": OCI_MANIFEST})
+        assert response.content == image.manifest.data
+    assert not mirror.running()
+
+
+def test_mirror_process_reports_a_config_error(tmp_path):
+    mirror = MirrorProcess(tmp_path / "mirror", {"listen": "not an address"})
+    with pytest.raises(PeerError, match="exited while waiting"):
+        mirror.start()
