@@ -124,7 +124,7 @@ def test_export_verify_import_round_trip(source, target, keys, tmp_path, capsys)
             assert Pins(target["root"]).is_pinned(Digest.parse(blob.digest))
     for image in source["app"].images:
         assert registry.get_manifest("ghcr.io/org/app", image.digest).body == image.manifest.data
-    assert not (target["root"] / "state" / "imports").exists() or not any((target["root"] / "state" / "imports").iterdir())
+    assert not list((target["root"] / "state").glob("imports/*"))
 
     before = snapshot(target["root"])
     assert mirror("bundle", "import", "--config", target["config"], bundle) == 0  # twice is harmless
@@ -244,3 +244,118 @@ def build_image_on(base: Image, seed: str) -> Image:
     manifest["layers"] = [layer.descriptor() for layer in layers]
     return Image(config_blob, layers, Blob(base.manifest.media_type, json.dumps(manifest).encode()),
                  base.os, base.architecture)
+
+
+def test_split_parts_concatenate_to_the_bundle_and_import(source, target, tmp_path):
+    whole = export(source, tmp_path / "whole.tar")
+    split = export(source, tmp_path / "split.tar", "--split", "100KiB")
+    parts = sorted(tmp_path.glob("split.tar.*"))
+    assert len(parts) > 2 and not split.exists()
+    assert all(part.stat().st_size == 100 * 1024 for part in parts[:-1])
+    assert b"".join(p.read_bytes() for p in parts)[-4096:] == whole.read_bytes()[-4096:]
+    assert mirror("bundle", "verify", *parts) == 0
+    assert mirror("bundle", "verify", split) == 0  # OUT.tar finds OUT.tar.000, .001, ...
+    assert mirror("bundle", "verify", *parts[:-1]) == 1
+    assert mirror("bundle", "import", "--config", target["config"], *parts) == 0
+    assert Metadata(target["root"]).resolve_tag("ghcr.io/org/app", "1.0") == Digest.parse(source["app"].digest)
+
+
+def test_platform_filter_rewrites_the_index_and_says_what_it_dropped(source, target, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar", "--platform", "linux/arm64", refs=("ghcr.io/org/app:1.0",))
+    out = capsys.readouterr().out
+    assert "dropped platforms linux/amd64" in out
+    with tarfile.open(bundle) as tar:
+        described = format.Bundle.from_json(tar.extractfile("bundle.json").read())
+        docker = json.loads(tar.extractfile("manifest.json").read())
+    image = described.images[0]
+    assert image.source_digest == Digest.parse(source["app"].digest) and image.dropped_platforms == ("linux/amd64",)
+    amd64, arm64 = source["app"].images
+    listed = {str(blob.digest) for blob in described.blobs}
+    assert arm64.layers[0].digest in listed and amd64.layers[0].digest not in listed
+    assert docker[0]["Config"].endswith(arm64.config.digest.removeprefix("sha256:"))
+    assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
+    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    index = json.loads(registry.get_manifest("ghcr.io/org/app", "1.0").body)
+    assert [m["digest"] for m in index["manifests"]] == [arm64.digest]
+
+
+def test_cosign_signature_and_oci_referrers_come_along(source, target, tmp_path):
+    alpine = source["alpine"]
+    signature_layer = Blob("application/vnd.dev.cosign.simplesigning.v1+json", b'{"critical": {}}')
+    config = Blob("application/vnd.oci.image.config.v1+json", b"{}")
+    cosign = Blob("application/vnd.oci.image.manifest.v1+json", json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": config.descriptor(), "layers": [signature_layer.descriptor()]}).encode())
+    sbom = Blob("application/vnd.oci.image.manifest.v1+json", json.dumps({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": "application/spdx+json", "config": config.descriptor(),
+        "layers": [signature_layer.descriptor()], "subject": alpine.manifest.descriptor()}).encode())
+    registry = Registry(FilesystemBlobStore(source["root"]), Metadata(source["root"]))
+    for blob in (signature_layer, config):
+        writer = registry.blobs.writer()
+        writer.write(blob.data)
+        registry.finish_upload("docker.io/library/alpine", writer, Digest.parse(blob.digest))
+    tag = alpine.digest.replace(":", "-") + ".sig"
+    registry.put_manifest("docker.io/library/alpine", tag, cosign.data, cosign.media_type)
+    registry.put_manifest("docker.io/library/alpine", sbom.digest, sbom.data, sbom.media_type)
+
+    bundle = export(source, tmp_path / "out.tar", refs=("alpine:3.20",))
+    assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
+    imported = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    assert imported.get_manifest("docker.io/library/alpine", tag).body == cosign.data
+    referrers = imported.referrers("docker.io/library/alpine", Digest.parse(alpine.digest), None)
+    assert [m["digest"] for m in referrers["manifests"]] == [sbom.digest]
+
+
+def test_inventory_is_a_base_for_a_delta(source, target, tmp_path):
+    first = export(source, tmp_path / "first.tar", refs=("alpine:3.20",))
+    assert mirror("bundle", "import", "--config", target["config"], first) == 0
+    inventory = tmp_path / "inventory.json"
+    assert mirror("inventory", "--config", target["config"], "--output", inventory) == 0
+    delta = export(source, tmp_path / "delta.tar", "--base", inventory)
+    carried = [n for n in members(delta) if n.startswith("blobs/")]
+    assert "blobs/sha256/" + source["alpine"].layers[0].digest.removeprefix("sha256:") not in carried
+    assert len(carried) == len(source["app"].blobs) + len(source["app"].images) + 1
+    with tarfile.open(delta) as tar:
+        described = format.Bundle.from_json(tar.extractfile("bundle.json").read())
+    assert described.base.kind == "inventory" and described.base.digest == Digest.of(inventory.read_bytes())
+    assert mirror("bundle", "import", "--config", target["config"], delta) == 0
+
+
+def test_unknown_format_version_is_refused(source, tmp_path, capsys):
+    bundle = export(source, tmp_path / "out.tar", refs=("alpine:3.20",))
+    data = bundle.read_bytes().replace(b'"version": 1', b'"version": 9', 1)
+    bundle.write_bytes(data)
+    assert mirror("bundle", "verify", bundle) == 1
+    assert "version 9 is not supported" in capsys.readouterr().err
+
+
+def test_import_killed_halfway_resumes_without_rewriting_verified_blobs(tmp_path):
+    root = tmp_path / "source-store"
+    big = build_image("big", layers=6, layer_size=12 * 1024 * 1024)
+    fill(root, "example.com/big:1", big)
+    config = write_config(tmp_path / "source.yaml", root)
+    bundle = export({"config": config}, tmp_path / "big.tar", refs=("example.com/big:1",))
+    target = tmp_path / "target-store"
+    target_config = write_config(tmp_path / "target.yaml", target)
+    command = [sys.executable, "-m", "mirror", "bundle", "import", "--config", str(target_config), str(bundle)]
+    environ = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    process = subprocess.Popen(command, cwd=REPO_ROOT, env=environ, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    staged = target / "state" / "imports"
+    deadline = time.monotonic() + 60
+    while len(list(staged.glob("*/blobs/sha256/*/*"))) < 3 and process.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the import finished before it could be killed"
+    assert not Metadata(target).repositories()  # nothing was published, so nothing partial could be served
+    assert not list((target / "blobs").glob("sha256/*/*"))
+
+    rerun = subprocess.run(command, cwd=REPO_ROOT, env=environ, capture_output=True, text=True, check=True)
+    written, skipped = (int(rerun.stdout.split(f" {word}")[0].split()[-1]) for word in ("blobs written", "already"))
+    assert skipped >= 3 and written + skipped == len(big.blobs) + 1
+    store = FilesystemBlobStore(target)
+    for blob in (*big.blobs, big.manifest):
+        assert store.read(Digest.parse(blob.digest)) == blob.data
+    assert Metadata(target).resolve_tag("example.com/big", "1") == Digest.parse(big.digest)
