@@ -97,8 +97,15 @@ def wait_for_http(url: str, timeout: float = 30.0,
 
 
 def peer_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This process's environment without proxy settings (peers only talk to loopback), plus ``extra``."""
+    """This environment, plus ``extra``, with every HTTP proxy set to a closed loopback port.
+
+    Peers reach loopback directly, and anything else (docker's fallback to Docker Hub) fails at once.
+    """
     environ = {key: value for key, value in os.environ.items() if key.lower() not in _PROXY_VARIABLES}
+    sinkhole = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "https_proxy", "all_proxy"):
+        environ[name] = environ[name.upper()] = sinkhole
+    environ["no_proxy"] = environ["NO_PROXY"] = "127.0.0.1,localhost,::1"
     return {**environ, **(extra or {})}
 
 

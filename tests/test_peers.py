@@ -113,11 +113,12 @@ def test_dockerd_reloads_registry_mirrors(registry, dockerd):
     dockerd.configure({})
 
 
-def test_podman_pulls_from_a_plain_registry(registry, podman):
+def test_podman_pulls_through_its_registries_conf(registry, podman):
     image = build_image(seed="podman", oci=True)
     push(registry.url, "test/podman", "v1", image)
-    podman.pull(f"{registry.host}/test/podman:v1")
-    inspected = json.loads(podman.podman("image", "inspect", f"{registry.host}/test/podman:v1").stdout)[0]
+    podman.write_registries_conf(f'[[registry]]\nprefix = "registry.test"\nlocation = "{registry.host}"\n')
+    podman.pull("registry.test/test/podman:v1")
+    inspected = json.loads(podman.podman("image", "inspect", "registry.test/test/podman:v1").stdout)[0]
     assert inspected["Digest"] == image.digest
 
 
@@ -129,7 +130,7 @@ def test_containerd_pulls_through_a_hosts_toml_mirror(registry, containerd, tmp_
     containerd.pull("registry.test/library/ctr:v1", hosts)
     listed = containerd.ctr("images", "list", "--quiet").stdout.split()
     assert "registry.test/library/ctr:v1" in listed
-    assert registry.count_requests("GET", "/v2/library/ctr/manifests/") >= 1
+    assert registry.count_requests("HEAD", "/v2/library/ctr/manifests/v1?ns=registry.test", status=200) == 1
 
 
 def test_mirror_process_serves_and_restarts_on_its_port(tmp_path):
@@ -147,3 +148,8 @@ def test_mirror_process_reports_a_config_error(tmp_path):
     mirror = MirrorProcess(tmp_path / "mirror", {"listen": "not an address"})
     with pytest.raises(PeerError, match="exited while waiting"):
         mirror.start()
+
+
+def test_peers_cannot_reach_beyond_loopback(dockerd):
+    refused = dockerd.docker("pull", "registry.example.com/nothing:1", check=False, timeout=60)
+    assert refused.returncode != 0 and "proxyconnect" in refused.stderr
