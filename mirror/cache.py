@@ -40,6 +40,7 @@ from mirror.errors import (
     UpstreamError,
     UpstreamInvalid,
     UpstreamNotFound,
+    UpstreamUnavailable,
 )
 from mirror.reference import DOCKER_HUB, Reference, normalise_registry, store_repository
 from mirror.registry import Registry, StoredManifest
@@ -346,7 +347,7 @@ class PullThrough:
 
     async def _fetch_blob(self, route: Route, fetch: Fetch) -> None:
         writer = self.registry.blobs.writer()
-        error: MirrorError | None = None
+        error: MirrorError | None = UpstreamUnavailable(f"fetch of {fetch.digest} was interrupted")
         try:
             async with self._client(route).stream_blob(route.path, fetch.digest) as stream:
                 fetch.size = stream.size
@@ -358,6 +359,8 @@ class PullThrough:
             await asyncio.to_thread(writer.commit, fetch.digest)
             self.registry.metadata.link_blob(route.store, fetch.digest)
             self.index.record(fetch.digest, fetch.written)
+            await asyncio.to_thread(self.evict)  # before the last byte is released: the bound holds at once
+            error = None
         except UpstreamNotFound as exc:
             error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.upstream.name}/{route.path}",
                                 detail={"digest": str(fetch.digest)})
@@ -372,8 +375,6 @@ class PullThrough:
                 log.warning("fetch of %s from %s failed: %s", fetch.digest, route.upstream.name, error.message)
             self._fetches.pop(fetch.digest, None)
             fetch.finish(error)
-        if error is None:
-            await asyncio.to_thread(self.evict)
 
     # listings
     def tags_repository(self, name: str, ns: str | None) -> str:
