@@ -97,8 +97,11 @@ async def _resolve(sources: Sources, plan: Plan, ref: Reference, platforms: list
         referrer_body, referrer_type, _ = await sources.manifest(ref, str(referrer))
         await _add_manifest(sources, plan, ref, manifests.parse(referrer_body, referrer_type))
         referrers.append(Referrer(referrer, referrer_type, tag))
-    entry = ImageEntry(str(ref), top.digest, top.media_type, source_digest, dropped, tuple(referrers))
-    plan.images.append(entry)
+    layout = await _layout_index(sources, ref, top)
+    if layout is not None:
+        plan.manifests.setdefault(layout.digest, (layout.body, layout.media_type))
+    plan.images.append(ImageEntry(str(ref), top.digest, top.media_type, source_digest, dropped,
+                                  tuple(referrers), layout.digest if layout else None))
     if len(images) == 1:
         plan.docker.append(_docker_entry(ref, images[0]))
     print(f"{ref}: {top.digest} ({len(images)} image{'s' * (len(images) != 1)}, {len(referrers)} referrers)")
@@ -121,6 +124,28 @@ async def _add_manifest(sources: Sources, plan: Plan, ref: Reference,
         if _annotation(child, "vnd.docker.reference.type") != ATTESTATION:
             images += found
     return images
+
+
+async def _layout_index(sources: Sources, ref: Reference, top: manifests.Manifest) -> manifests.Manifest | None:
+    """An OCI index to stand for a Docker-typed image in index.json, or None for OCI-typed images.
+
+    OCI layout readers (skopeo) skip index.json entries that are not of OCI media types; this index lists
+    the manifest list's entries, or the single manifest with the platform its config names.
+    """
+    if top.media_type == manifests.DOCKER_MANIFEST_LIST:
+        entries = top.children
+    elif top.media_type == manifests.DOCKER_MANIFEST:
+        config = bytearray()
+        async for chunk in sources.blob(ref, Digest.parse(top.data["config"]["digest"])):
+            config += chunk
+        image = format.parse_json(bytes(config), f"config of {ref}")
+        platform = {key: image[key] for key in ("os", "architecture", "variant") if image.get(key)}
+        entries = [{"mediaType": top.media_type, "digest": str(top.digest), "size": len(top.body),
+                    "platform": platform}]
+    else:
+        return None
+    body = json.dumps({"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": entries}, indent=1)
+    return manifests.parse(body.encode(), manifests.OCI_INDEX)
 
 
 def _filter(children: list[Any], platforms: list[tuple[str, ...]]) -> tuple[list[Any], tuple[str, ...]]:
@@ -187,15 +212,20 @@ def _layout_members(plan: Plan, bundle: Bundle) -> list[tuple[str, bytes]]:
     """``oci-layout``, ``index.json`` and ``manifest.json`` (docker load entries whose blobs are all here)."""
     included = {blob.digest for blob in bundle.included}
     index = {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": [
-        {"mediaType": image.media_type, "digest": str(image.digest),
-         "size": len(plan.manifests[image.digest][0]),
-         "annotations": {format.REF_NAME: image.reference, format.CONTAINERD_NAME: image.reference}}
-        for image in bundle.images]}
+        _layout_descriptor(plan, image) for image in bundle.images]}
     docker = [entry for entry in plan.docker
               if all(format.member_digest(name) in included for name in [entry["Config"], *entry["Layers"]])]
     return [(format.OCI_LAYOUT, json.dumps({"imageLayoutVersion": "1.0.0"}).encode()),
             (format.INDEX_JSON, json.dumps(index, indent=1).encode()),
             (format.DOCKER_MANIFEST, json.dumps(docker, indent=1).encode())]
+
+
+def _layout_descriptor(plan: Plan, image: ImageEntry) -> dict[str, Any]:
+    """The index.json entry of ``image``: its manifest, or the OCI index standing for it."""
+    digest = image.layout_index or image.digest
+    body, media_type = plan.manifests[digest]
+    return {"mediaType": media_type, "digest": str(digest), "size": len(body),
+            "annotations": {format.REF_NAME: image.reference, format.CONTAINERD_NAME: image.reference}}
 
 
 async def _write_blob(sources: Sources, plan: Plan, tar: TarWriter, blob: BlobEntry,

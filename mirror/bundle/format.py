@@ -72,6 +72,7 @@ class ImageEntry:
     source_digest: Digest | None = None
     dropped_platforms: tuple[str, ...] = ()
     referrers: tuple[Referrer, ...] = ()
+    layout_index: Digest | None = None
 
 
 @dataclass(frozen=True)
@@ -186,17 +187,19 @@ def _image_json(image: ImageEntry) -> dict[str, Any]:
         "droppedPlatforms": list(image.dropped_platforms) or None,
         "referrers": [_drop_none({"digest": str(r.digest), "mediaType": r.media_type, "tag": r.tag})
                       for r in image.referrers],
+        "layoutIndex": str(image.layout_index) if image.layout_index else None,
     })
 
 
 def _image(raw: dict[str, Any]) -> ImageEntry:
-    source = raw.get("sourceDigest")
+    source, layout = raw.get("sourceDigest"), raw.get("layoutIndex")
     return ImageEntry(
         reference=str(raw["reference"]), digest=Digest.parse(raw["digest"]), media_type=str(raw["mediaType"]),
         source_digest=Digest.parse(source) if source else None,
         dropped_platforms=tuple(str(p) for p in raw.get("droppedPlatforms", [])),
         referrers=tuple(Referrer(Digest.parse(r["digest"]), str(r["mediaType"]), r.get("tag"))
                         for r in raw.get("referrers", [])),
+        layout_index=Digest.parse(layout) if layout else None,
     )
 
 
