@@ -36,11 +36,9 @@ def dockerd_daemon(tmp_path_factory):
 
 @pytest.fixture
 def dockerd(dockerd_daemon):
-    """The shared dockerd, left with no images and no extra daemon.json keys after the test."""
+    """The shared dockerd, reset after the test (no images, daemon.json extras, logins or trusted CAs)."""
     yield dockerd_daemon
-    if dockerd_daemon.daemon_json:
-        dockerd_daemon.configure({})
-    dockerd_daemon.remove_all_images()
+    dockerd_daemon.reset()
 
 
 @pytest.fixture(scope="session")

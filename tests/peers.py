@@ -6,7 +6,9 @@ directory and is stopped by its own process id. A startup failure raises PeerErr
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime
+import ipaddress
 import json
 import os
 import re
@@ -44,11 +46,16 @@ class PeerError(RuntimeError):
     """A peer did not start, or a command run against a peer failed."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that nothing listens on right now."""
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
+def free_port(address: str = "127.0.0.1") -> int:
+    """A TCP port on the loopback ``address`` that nothing listens on right now."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
+        sock.bind((address, 0))
         return sock.getsockname()[1]
+
+
+def host_port(address: str, port: int) -> str:
+    """``address:port`` as registries are named (IPv6 addresses in brackets)."""
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def require(program: str, root: bool = False) -> str:
@@ -105,7 +112,7 @@ def peer_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     sinkhole = f"http://127.0.0.1:{free_port()}"
     for name in ("http_proxy", "https_proxy", "all_proxy"):
         environ[name] = environ[name.upper()] = sinkhole
-    environ["no_proxy"] = environ["NO_PROXY"] = "127.0.0.1,localhost,::1"
+    environ["no_proxy"] = environ["NO_PROXY"] = "127.0.0.1,localhost,::1,0.0.0.0"
     return {**environ, **(extra or {})}
 
 
@@ -233,8 +240,7 @@ class TokenServer:
         self.username, self.password, self.ttl, self.service = username, password, ttl, service
         self.requests: list[TokenRequest] = []
         self.cert_path = self.workdir / "token-signer.crt"
-        self._key = ec.generate_private_key(ec.SECP256R1())
-        self._certificate = _self_signed_certificate(self._key)
+        self._key, self._certificate = _self_signed(self.issuer)
         self.cert_path.write_bytes(self._certificate.public_bytes(serialization.Encoding.PEM))
         self._server: ThreadingHTTPServer | None = None
 
@@ -346,15 +352,35 @@ def _b64url(data: bytes) -> str:
     return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
 
 
-def _self_signed_certificate(key: ec.EllipticCurvePrivateKey) -> x509.Certificate:
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, TokenServer.issuer)])
+def write_self_signed_certificate(directory: str | Path, name: str = "test") -> tuple[Path, Path]:
+    """Write ``name.crt`` and ``name.key``: a self-signed CA certificate valid for serving the loopback addresses.
+
+    Being its own CA, the certificate is also what a client is told to trust.
+    """
+    key, certificate = _self_signed(name)
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    cert_path, key_path = directory / f"{name}.crt", directory / f"{name}.key"
+    cert_path.write_bytes(certificate.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                           serialization.NoEncryption()))
+    return cert_path, key_path
+
+
+def _self_signed(common_name: str) -> tuple[ec.EllipticCurvePrivateKey, x509.Certificate]:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    names = [x509.DNSName("localhost"),
+             *(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ("127.0.0.1", "::1", "0.0.0.0"))]
     now = datetime.datetime.now(datetime.UTC)
-    return (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - datetime.timedelta(days=1))
-            .not_valid_after(now + datetime.timedelta(days=30))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-            .sign(key, hashes.SHA256()))
+    certificate = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+                   .serial_number(x509.random_serial_number())
+                   .not_valid_before(now - datetime.timedelta(days=1))
+                   .not_valid_after(now + datetime.timedelta(days=30))
+                   .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+                   .add_extension(x509.SubjectAlternativeName(names), critical=False)
+                   .sign(key, hashes.SHA256()))
+    return key, certificate
 
 
 @dataclass(frozen=True)
@@ -370,19 +396,24 @@ _ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<
 
 
 class DistributionRegistry(PeerProcess):
-    """The reference Distribution registry (docker-registry 2.8) with filesystem storage in ``workdir``."""
+    """The reference Distribution registry (docker-registry 2.8) with filesystem storage in ``workdir``.
+
+    Optionally behind a TokenServer (``auth``), serving TLS (``tls``: certificate and key files), or as a
+    pull-through cache of ``proxy_remote_url``.
+    """
 
     name = "docker-registry"
 
     def __init__(self, workdir: str | Path, auth: TokenServer | None = None,
                  proxy_remote_url: str | None = None, username: str | None = None,
-                 password: str | None = None):
+                 password: str | None = None, tls: tuple[Path, Path] | None = None,
+                 address: str = "127.0.0.1"):
         super().__init__(workdir)
-        self.auth, self.proxy_remote_url = auth, proxy_remote_url
+        self.auth, self.proxy_remote_url, self.tls = auth, proxy_remote_url, tls
         self.username, self.password = username, password
-        self.port = free_port()
-        self.host = f"127.0.0.1:{self.port}"
-        self.url = f"http://{self.host}"
+        self.port = free_port(address)
+        self.host = host_port(address, self.port)
+        self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.config_path = self.workdir / "config.yml"
 
     def config(self) -> dict[str, Any]:
@@ -394,6 +425,8 @@ class DistributionRegistry(PeerProcess):
                         "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
             "http": {"addr": self.host, "secret": uuid.uuid4().hex},
         }
+        if self.tls is not None:
+            config["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.auth is not None:
             config["auth"] = {"token": {"realm": self.auth.realm, "service": self.auth.service,
                                         "issuer": self.auth.issuer,
@@ -415,7 +448,7 @@ class DistributionRegistry(PeerProcess):
     def requests(self) -> list[AccessLogLine]:
         """Every request logged so far, in log order, after the requests made before this call are logged."""
         marker = uuid.uuid4().hex
-        httpx.get(f"{self.url}/v2/", params={"sync": marker}, timeout=10)
+        httpx.get(f"{self.url}/v2/", params={"sync": marker}, timeout=10, verify=False)
         self.wait_until(lambda: marker in self.log(), "the access log to catch up", timeout=10)
         return [AccessLogLine(match["method"], match["path"], int(match["status"]))
                 for match in map(_ACCESS_LINE.search, self.log().splitlines())
@@ -445,6 +478,7 @@ class Dockerd(PeerProcess):
         self.config_path = self.workdir / "daemon.json"
         self.client_config = self.workdir / "client"
         self.containerd = Containerd(self.workdir / "containerd")
+        self._trusted: list[Path] = []
 
     def start(self) -> Dockerd:
         """Start its containerd, then dockerd, and wait until dockerd answers ``/_ping``."""
@@ -478,11 +512,39 @@ class Dockerd(PeerProcess):
         if images:
             self.docker("rmi", "--force", *sorted(set(images)))
 
+    def trust(self, host: str, ca_certificate: str | Path) -> None:
+        """Trust ``ca_certificate`` for the registry at ``host`` (HOST:PORT) until reset or stop.
+
+        dockerd reads CAs only from /etc/docker/certs.d/HOST:PORT/ca.crt; the port makes the entry ours.
+        dockerd always treats 127.0.0.0/8 as insecure (TLS unverified, then plain HTTP), so to see a CA
+        really checked name a loopback server ``0.0.0.0:PORT``: Linux connects that to 127.0.0.1.
+        """
+        directory = Path("/etc/docker/certs.d") / host
+        directory.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(ca_certificate, directory / "ca.crt")
+        self._trusted.append(directory)
+
+    def reset(self) -> None:
+        """Back to a fresh daemon: no extra daemon.json keys, images, logins or trusted CAs."""
+        if self.daemon_json:
+            self.configure({})
+        self.remove_all_images()
+        shutil.rmtree(self.client_config, ignore_errors=True)
+        self._forget_trust()
+
     def stop(self) -> None:
-        """Stop dockerd, then its containerd, and remove its socket directory."""
+        """Stop dockerd, then its containerd; remove its socket directory and the CAs it was told to trust."""
         super().stop()
         self.containerd.stop()
         shutil.rmtree(self.runtime_dir, ignore_errors=True)
+        self._forget_trust()
+
+    def _forget_trust(self) -> None:
+        while self._trusted:
+            directory = self._trusted.pop()
+            shutil.rmtree(directory, ignore_errors=True)
+            with contextlib.suppress(OSError):
+                directory.parent.rmdir()
 
     def _write_config(self) -> None:
         self.config_path.write_text(json.dumps({**self.base_config, **self.daemon_json}, indent=2))

@@ -7,7 +7,14 @@ import httpx
 import pytest
 
 from tests.images import OCI_MANIFEST, BearerAuth, build_image, build_index, push, write_oci_layout
-from tests.peers import DistributionRegistry, MirrorProcess, PeerError, TokenServer, write_hosts_toml
+from tests.peers import (
+    DistributionRegistry,
+    MirrorProcess,
+    PeerError,
+    TokenServer,
+    write_hosts_toml,
+    write_self_signed_certificate,
+)
 
 
 @pytest.fixture
@@ -97,20 +104,38 @@ def test_startup_failure_names_the_log(tmp_path):
     assert not registry.running()
 
 
-def test_dockerd_pulls_from_a_plain_registry(registry, dockerd):
+def test_dockerd_pulls_tags_and_pushes_with_a_plain_registry(registry, dockerd):
     image = build_image(seed="dockerd")
     push(registry.url, "test/dockerd", "v1", image)
     dockerd.docker("pull", f"{registry.host}/test/dockerd:v1")
     inspected = json.loads(dockerd.docker("image", "inspect", f"{registry.host}/test/dockerd:v1").stdout)[0]
     assert inspected["RepoDigests"] == [f"{registry.host}/test/dockerd@{image.digest}"]
     assert inspected["RootFS"]["Layers"] == json.loads(image.config.data)["rootfs"]["diff_ids"]
+    dockerd.docker("tag", f"{registry.host}/test/dockerd:v1", f"{registry.host}/test/pushed:v2")
+    dockerd.docker("push", f"{registry.host}/test/pushed:v2")
+    assert registry.count_requests("PUT", "/v2/test/pushed/manifests/v2", status=201) == 1
 
 
-def test_dockerd_reloads_registry_mirrors(registry, dockerd):
+def test_dockerd_pulls_docker_hub_names_through_registry_mirrors(registry, dockerd):
+    image = build_image(seed="hub")
+    push(registry.url, "library/hubimage", "v1", image)
     dockerd.configure({"registry-mirrors": [registry.url]})
-    assert json.loads(dockerd.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout) == [
-        registry.url + "/"]
-    dockerd.configure({})
+    mirrors = dockerd.docker("info", "--format", "{{json .RegistryConfig.Mirrors}}").stdout
+    assert json.loads(mirrors) == [registry.url + "/"]
+    dockerd.docker("pull", "hubimage:v1")
+    assert registry.count_requests("GET", f"/v2/library/hubimage/manifests/{image.digest}", status=200) == 1
+
+
+def test_dockerd_checks_the_ca_of_a_tls_registry_named_0000(tmp_path, dockerd):
+    certificate, key = write_self_signed_certificate(tmp_path / "tls")
+    with DistributionRegistry(tmp_path / "registry", tls=(certificate, key)) as registry:
+        with httpx.Client(verify=str(certificate)) as client:
+            push(registry.url, "test/tls", "v1", build_image(seed="tls"), client=client)
+        reference = f"0.0.0.0:{registry.port}/test/tls:v1"
+        refused = dockerd.docker("pull", reference, check=False)
+        assert refused.returncode != 0 and "certificate signed by unknown authority" in refused.stderr
+        dockerd.trust(f"0.0.0.0:{registry.port}", certificate)
+        dockerd.docker("pull", reference)
 
 
 def test_podman_pulls_through_its_registries_conf(registry, podman):
