@@ -10,6 +10,7 @@ import tarfile
 import time
 from pathlib import Path
 
+import jsonschema
 import pytest
 import yaml
 
@@ -359,3 +360,13 @@ def test_import_killed_halfway_resumes_without_rewriting_verified_blobs(tmp_path
     for blob in (*big.blobs, big.manifest):
         assert store.read(Digest.parse(blob.digest)) == blob.data
     assert Metadata(target).resolve_tag("example.com/big", "1") == Digest.parse(big.digest)
+
+
+def test_bundle_json_matches_the_published_schema(source, tmp_path):
+    schema = json.loads((REPO_ROOT / "offline-bundle" / "bundle.schema.json").read_text())
+    first = export(source, tmp_path / "first.tar", refs=("alpine:3.20",))
+    bundle = export(source, tmp_path / "out.tar", "--base", first, "--platform", "linux/amd64")
+    with tarfile.open(bundle) as tar:
+        document = json.loads(tar.extractfile("bundle.json").read())
+    jsonschema.validate(document, schema)
+    assert document["base"]["kind"] == "bundle" and any(blob.get("inBase") for blob in document["blobs"])

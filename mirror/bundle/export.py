@@ -87,7 +87,7 @@ async def _resolve(sources: Sources, plan: Plan, ref: Reference, platforms: list
             raise BundleError(f"{ref}: none of its platforms is one of {wanted}")
         if dropped:
             data = dict(top.data, manifests=kept)
-            top = manifests.parse(json.dumps(data, indent=3).encode(), top.media_type)
+            top = manifests.parse(json.dumps(data, indent=1).encode(), top.media_type)
             source_digest = digest
             print(f"{ref}: dropped platforms {', '.join(dropped)}; index rewritten {digest} -> {top.digest} "
                   f"(the original digest cannot be pulled from the importing mirror)")
