@@ -46,16 +46,11 @@ class PeerError(RuntimeError):
     """A peer did not start, or a command run against a peer failed."""
 
 
-def free_port(address: str = "127.0.0.1") -> int:
-    """A TCP port on the loopback ``address`` that nothing listens on right now."""
-    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as sock:
-        sock.bind((address, 0))
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
-
-
-def host_port(address: str, port: int) -> str:
-    """``address:port`` as registries are named (IPv6 addresses in brackets)."""
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
 
 
 def require(program: str, root: bool = False) -> str:
@@ -353,7 +348,7 @@ def _b64url(data: bytes) -> str:
 
 
 def write_self_signed_certificate(directory: str | Path, name: str = "test") -> tuple[Path, Path]:
-    """Write ``name.crt`` and ``name.key``: a self-signed CA certificate valid for serving the loopback addresses.
+    """Write ``name.crt`` and ``name.key``: a self-signed CA certificate for localhost, 127.0.0.1, ::1, 0.0.0.0.
 
     Being its own CA, the certificate is also what a client is told to trust.
     """
@@ -406,13 +401,12 @@ class DistributionRegistry(PeerProcess):
 
     def __init__(self, workdir: str | Path, auth: TokenServer | None = None,
                  proxy_remote_url: str | None = None, username: str | None = None,
-                 password: str | None = None, tls: tuple[Path, Path] | None = None,
-                 address: str = "127.0.0.1"):
+                 password: str | None = None, tls: tuple[Path, Path] | None = None):
         super().__init__(workdir)
         self.auth, self.proxy_remote_url, self.tls = auth, proxy_remote_url, tls
         self.username, self.password = username, password
-        self.port = free_port(address)
-        self.host = host_port(address, self.port)
+        self.port = free_port()
+        self.host = f"127.0.0.1:{self.port}"
         self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.config_path = self.workdir / "config.yml"
 
@@ -722,14 +716,16 @@ class MirrorProcess(PeerProcess):
 
     def start(self) -> MirrorProcess:
         """Start ``mirror serve`` and wait until ``GET /v2/`` answers (any status)."""
-        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         self._spawn([sys.executable, "-m", "mirror", "serve", "--config", str(self.config_path)],
-                    env={"PYTHONPATH": python_path, **self.env}, cwd=REPO_ROOT)
+                    env=self._environ(), cwd=REPO_ROOT)
         self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
         return self
 
     def run_cli(self, *args: str, check: bool = False, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run ``python -m mirror ARGS --config <this mirror's config>`` (e.g. prefetch, gc, inventory)."""
-        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
         return run([sys.executable, "-m", "mirror", *args[:1], "--config", str(self.config_path), *args[1:]],
-                   env={"PYTHONPATH": python_path, **self.env}, check=check, timeout=timeout)
+                   env=self._environ(), check=check, timeout=timeout)
+
+    def _environ(self) -> dict[str, str]:
+        python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+        return {"PYTHONPATH": python_path, **self.env}
