@@ -70,6 +70,7 @@ class Upstream:
     password: str | None = None
     manifest_ttl: float = 300.0
     allow_push: bool = False
+    timeout: float = 10.0
 
 
 @dataclass(frozen=True)
@@ -224,7 +225,7 @@ def _upstream(index: int, raw: Any) -> Upstream:
     key = f"upstreams[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with name and url")
-    allowed = {"name", "url", "username", "password", "manifest_ttl", "allow_push"}
+    allowed = {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout"}
     for extra in set(raw) - allowed:
         raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
     name, url = raw.get("name"), raw.get("url")
@@ -243,4 +244,11 @@ def _upstream(index: int, raw: Any) -> Upstream:
         password=None if password is None else str(password),
         manifest_ttl=parse_duration(raw.get("manifest_ttl", 300), f"{key}.manifest_ttl"),
         allow_push=bool(raw.get("allow_push", False)),
+        timeout=_positive(parse_duration(raw.get("timeout", 10), f"{key}.timeout"), f"{key}.timeout"),
     )
+
+
+def _positive(value: float, key: str) -> float:
+    if value <= 0:
+        raise ConfigError(key, "must be more than zero")
+    return value

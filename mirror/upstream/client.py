@@ -24,7 +24,6 @@ from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_
 from mirror.upstream.auth import RegistryAuth
 from mirror.upstream.status import detail, raise_for_status, translated
 
-DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 USER_AGENT = "mirror-appliance/0.1"
@@ -67,8 +66,9 @@ class UpstreamClient:
     """Talks to one upstream registry; raises only UpstreamError subclasses (and DigestInvalid)."""
 
     def __init__(self, upstream: Upstream, transport: httpx.AsyncBaseTransport | None = None, *,
-                 timeout: httpx.Timeout = DEFAULT_TIMEOUT, clock: Callable[[], float] = time.time):
+                 timeout: httpx.Timeout | None = None, clock: Callable[[], float] = time.time):
         self.upstream = upstream
+        timeout = timeout or httpx.Timeout(upstream.timeout, connect=min(upstream.timeout, 5.0))
         options = {"transport": transport, "timeout": timeout, "limits": DEFAULT_LIMITS, "trust_env": False,
                    "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
         self._token_http = httpx.AsyncClient(**options)
