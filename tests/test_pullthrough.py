@@ -209,7 +209,8 @@ def test_eviction_keeps_the_cache_under_its_bound_and_pinned_content(tmp_path, h
             for blob in image.blobs:
                 assert client.get(f"/v2/ghcr.io/org/evict{n}/blobs/{blob.digest}").status_code == 200
         store = Path(mirror.workdir, "store/blobs")
-        cached = [b for image in images for b in image.blobs if (store / "sha256" / b.digest[7:9] / b.digest[7:]).exists()]
+        cached = [blob for image in images for blob in image.blobs
+                  if (store / "sha256" / blob.digest[7:9] / blob.digest[7:]).exists()]
         assert sum(b.size for b in cached) <= bound
         assert images[-1].layers[0] in cached  # the most recently used stays
         assert client.get(f"/v2/team/app/blobs/{hosted.layers[0].digest}").content == hosted.layers[0].data
