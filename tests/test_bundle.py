@@ -1,6 +1,7 @@
 """Offline bundles on stores filled directly: export, verify, import, signatures, corruption, deltas, splits."""
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -16,6 +17,7 @@ import yaml
 
 from mirror import cli
 from mirror.bundle import format
+from mirror.bundle.progress import Progress
 from mirror.digest import Digest
 from mirror.reference import Reference
 from mirror.registry import Registry
@@ -370,3 +372,22 @@ def test_bundle_json_matches_the_published_schema(source, tmp_path):
         document = json.loads(tar.extractfile("bundle.json").read())
     jsonschema.validate(document, schema)
     assert document["base"]["kind"] == "bundle" and any(blob.get("inBase") for blob in document["blobs"])
+
+
+class Terminal(io.StringIO):
+    """A text stream that says it is a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
+    plain, terminal = io.StringIO(), Terminal()
+    for stream in (plain, terminal):
+        with Progress("import", 8 * 2**20, stream=stream, interval=0) as progress:
+            for _ in range(8):
+                progress.update(2**20)
+    lines = plain.getvalue().splitlines()
+    assert "\r" not in plain.getvalue() and len(lines) == 9
+    assert lines[-1].startswith("import: 100%") and "8.00M/8.00M" in lines[-1] and "/s]" in lines[-1]
+    assert "\r" in terminal.getvalue() and "100%" in terminal.getvalue()
