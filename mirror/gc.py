@@ -1,0 +1,267 @@
+"""Garbage collection: mark what the manifests of every repository reference, sweep the rest of the blobs.
+
+Mark: every manifest linked in a repository is live, and marks its own bytes, its config and layers, the
+manifests an index lists and the manifests that refer to it. With ``untagged``, only manifests a tag reaches
+are roots (plus pinned ones and ones linked within the grace period); live indexes keep their children and
+live manifests their referrers, and every other manifest is removed from its repository.
+
+Sweep: a blob that is unmarked, not pinned (imported) and not recent is deleted, with the repository links to
+it; upload sessions idle longer than ``storage.upload_expiry`` go too. It is safe while ``mirror serve`` runs:
+
+- uploads and pull-through fetches live in ``uploads/<session>/`` until they commit: out of the sweep's reach;
+- "recent" means renamed into place or written, or linked into a repository (a cross-repository mount),
+  within ``storage.gc_grace`` (default 1h): a pushed blob waits that long for the manifest that references it;
+- blobs are first moved to ``state/gc-trash``; a manifest PUT that references one now fails cleanly with
+  MANIFEST_BLOB_UNKNOWN instead of being accepted. Then every manifest linked since the mark is read, and the
+  blobs it needs are moved back. Only the rest is deleted. A run that dies halfway moves its trash back first
+  thing the next time.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import time
+from dataclasses import dataclass, field
+
+from mirror import manifest as manifests
+from mirror.config import Config
+from mirror.digest import Digest
+from mirror.errors import ConfigError, MirrorError
+from mirror.registry import Registry
+from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage.pins import Pins
+
+
+def run(config: Config, dry_run: bool = False, untagged: bool = False) -> int:
+    """``mirror gc``: collect the store of ``config``; print what was (or would be) freed."""
+    root = config.storage.root
+    if not root.is_dir():
+        raise ConfigError("storage.root", f"{root} does not exist")
+    registry = Registry(FilesystemBlobStore(root), Metadata(root))
+    collector = Collector(registry, Pins(root), config.storage.gc_grace, config.storage.upload_expiry)
+    report = collector.collect(dry_run=dry_run, untagged=untagged)
+    for line in report.lines():
+        print(line)
+    return 0
+
+
+@dataclass
+class Report:
+    """What one collection removed, or would remove in a dry run."""
+
+    dry_run: bool
+    blobs: dict[Digest, int] = field(default_factory=dict)
+    manifests: list[tuple[str, Digest]] = field(default_factory=list)
+    uploads: dict[str, int] = field(default_factory=dict)
+    kept: int = 0
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def freed(self) -> int:
+        """Bytes of the removed blobs and uploads."""
+        return sum(self.blobs.values()) + sum(self.uploads.values())
+
+    def lines(self) -> list[str]:
+        """One line per removed item and problem, then the summary."""
+        verb = "would remove" if self.dry_run else "removed"
+        return [
+            *(f"gc: {problem}" for problem in self.problems),
+            *(f"gc: {verb} untagged manifest {name}@{digest}" for name, digest in self.manifests),
+            *(f"gc: {verb} blob {digest} ({size} bytes)" for digest, size in self.blobs.items()),
+            *(f"gc: {verb} expired upload {session} ({size} bytes)" for session, size in self.uploads.items()),
+            f"gc: {'would free' if self.dry_run else 'freed'} {human(self.freed)}: {len(self.blobs)} blobs "
+            f"({human(sum(self.blobs.values()))}), {len(self.manifests)} untagged manifests, "
+            f"{len(self.uploads)} expired uploads ({human(sum(self.uploads.values()))}); "
+            f"kept {self.kept} blobs",
+        ]
+
+
+def human(size: int) -> str:
+    """``size`` bytes in binary units, e.g. ``12.5 MiB``."""
+    value, unit = float(size), "bytes"
+    for unit in ("bytes", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            break
+        value /= 1024
+    return f"{size} bytes" if unit == "bytes" else f"{value:.1f} {unit}"
+
+
+class Collector:
+    """Mark and sweep over one store; see the module docstring for why it is safe while serving."""
+
+    def __init__(self, registry: Registry, pins: Pins, grace: float, upload_expiry: float):
+        self.registry = registry
+        self.metadata = registry.metadata
+        self.blobs = registry.blobs
+        self.layout = registry.blobs.layout
+        self.pins = pins
+        self.grace = grace
+        self.upload_expiry = upload_expiry
+
+    def collect(self, dry_run: bool = False, untagged: bool = False) -> Report:
+        """Remove (or with ``dry_run`` only report) garbage; return what it was."""
+        report = Report(dry_run)
+        started = time.time()
+        if not dry_run:
+            self._restore_all_trash()
+        seen, marked = self._mark(untagged, dry_run, report)
+        total = sum(1 for _ in self.blobs.iter())
+        candidates = self._candidates(marked, started - self.grace)
+        if dry_run:
+            report.blobs = candidates
+        else:
+            trashed = self._trash(candidates, started - self.grace)
+            report.blobs = self._delete(trashed, self._mark_new(seen, report))
+        report.kept = total - len(report.blobs)
+        report.uploads = self._expire_uploads(dry_run)
+        return report
+
+    # mark
+    def _mark(self, untagged: bool, dry_run: bool, report: Report) -> tuple[set[tuple[str, Digest]], set[Digest]]:
+        """The live (repository, manifest) pairs and every digest they mark; removes untagged manifests."""
+        seen: set[tuple[str, Digest]] = set()
+        marked: set[Digest] = set()
+        for name in self.metadata.repositories():
+            linked = set(self.metadata.manifests(name))
+            roots = self._roots(name, linked) if untagged else linked
+            live = self._walk(name, roots, linked, marked, report)
+            seen.update((name, digest) for digest in live)
+            for digest in sorted(linked - live, key=str):
+                report.manifests.append((name, digest))
+                if not dry_run:
+                    with contextlib.suppress(MirrorError):  # already gone: someone deleted it meanwhile
+                        self.registry.delete_manifest(name, str(digest))
+        return seen, marked
+
+    def _roots(self, name: str, linked: set[Digest]) -> set[Digest]:
+        """The manifests of ``name`` an untagged collection keeps: tagged, pinned or linked within the grace."""
+        tagged = {self.metadata.resolve_tag(name, tag) for tag in self.metadata.tags(name)}
+        cutoff = time.time() - self.grace
+        return {digest for digest in linked if digest in tagged or self.pins.is_pinned(digest)
+                or _changed(self.layout.manifest_link(name, digest)) > cutoff}
+
+    def _walk(self, name: str, roots: set[Digest], linked: set[Digest], marked: set[Digest],
+              report: Report) -> set[Digest]:
+        """Mark everything ``roots`` reach in ``name``; return the manifests reached."""
+        live: set[Digest] = set()
+        stack = list(roots)
+        while stack:
+            digest = stack.pop()
+            marked.add(digest)
+            if digest in live or digest not in linked:
+                continue
+            live.add(digest)
+            manifest = self._read(name, digest, report)
+            if manifest is not None:
+                marked.update(Digest.parse(blob["digest"]) for blob in manifest.blobs)
+                stack.extend(Digest.parse(child["digest"]) for child in manifest.children)
+            stack.extend(Digest.parse(referrer["digest"]) for referrer in self.metadata.referrers(name, digest))
+        return live
+
+    def _read(self, name: str, digest: Digest, report: Report) -> manifests.Manifest | None:
+        """Manifest ``digest`` of ``name``, also while it sits in the trash; None (and a problem) if unreadable."""
+        media_type = self.metadata.manifest_media_type(name, digest)
+        for path in (self.layout.blob(digest), self.layout.trashed(digest)):
+            with contextlib.suppress(OSError):
+                body = path.read_bytes()
+                break
+        else:
+            report.problems.append(f"manifest {name}@{digest} has no bytes in the store")
+            return None
+        try:
+            return manifests.parse(body, media_type, digest.algorithm)
+        except MirrorError as exc:
+            report.problems.append(f"cannot read manifest {name}@{digest}: {exc.message}")
+            return None
+
+    def _mark_new(self, seen: set[tuple[str, Digest]], report: Report) -> set[Digest]:
+        """Everything the manifests linked since the mark need (a push that went on during the collection)."""
+        marked: set[Digest] = set()
+        for name in self.metadata.repositories():
+            linked = set(self.metadata.manifests(name))
+            new = {digest for digest in linked if (name, digest) not in seen}
+            self._walk(name, new, linked, marked, report)
+        return marked
+
+    # sweep
+    def _candidates(self, marked: set[Digest], cutoff: float) -> dict[Digest, int]:
+        """Unmarked, unpinned blobs that nothing wrote or linked after ``cutoff``, with their sizes."""
+        pinned = set(self.pins.all())
+        found: dict[Digest, int] = {}
+        for digest in self.blobs.iter():
+            if digest in marked or digest in pinned or _changed(self.layout.blob(digest)) > cutoff:
+                continue
+            size = self.blobs.stat(digest)
+            if size is not None:
+                found[digest] = size
+        for name in self.metadata.repositories():
+            for digest in [d for d in found if _changed(self.layout.blob_link(name, d)) > cutoff]:
+                del found[digest]
+        return found
+
+    def _trash(self, candidates: dict[Digest, int], cutoff: float) -> dict[Digest, int]:
+        """Move the candidates out of ``blobs/``; put back any that a push wrote again meanwhile."""
+        trashed: dict[Digest, int] = {}
+        for digest, size in candidates.items():
+            target = self.layout.trashed(digest)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                os.replace(self.layout.blob(digest), target)
+            except FileNotFoundError:
+                continue
+            if os.stat(target).st_mtime > cutoff:
+                self._restore(digest)
+            else:
+                trashed[digest] = size
+        return trashed
+
+    def _delete(self, trashed: dict[Digest, int], needed: set[Digest]) -> dict[Digest, int]:
+        """Delete the trashed blobs nothing needs (and the links to them); restore the others."""
+        deleted: dict[Digest, int] = {}
+        for digest, size in trashed.items():
+            if digest in needed:
+                self._restore(digest)
+            else:
+                self.layout.trashed(digest).unlink(missing_ok=True)
+                deleted[digest] = size
+        for name in self.metadata.repositories():
+            for digest in deleted:
+                self.metadata.unlink_blob(name, digest)
+        return deleted
+
+    def _restore(self, digest: Digest) -> None:
+        """Put a trashed blob back, unless the same bytes were committed again meanwhile."""
+        source, target = self.layout.trashed(digest), self.layout.blob(digest)
+        if target.exists():
+            source.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+
+    def _restore_all_trash(self) -> None:
+        """Undo what a collection that died halfway left in the trash."""
+        for path in self.layout.trash.glob("*/*"):
+            with contextlib.suppress(MirrorError):
+                self._restore(Digest.parse(f"{path.parent.name}:{path.name}"))
+
+    def _expire_uploads(self, dry_run: bool) -> dict[str, int]:
+        """Upload sessions idle longer than the expiry, removed unless ``dry_run``, with their sizes."""
+        cutoff = time.time() - self.upload_expiry
+        expired: dict[str, int] = {}
+        for session, mtime in list(self.blobs.sessions()):
+            if mtime >= cutoff:
+                continue
+            with contextlib.suppress(MirrorError):
+                expired[session] = self.blobs.session_size(session)
+                if not dry_run:
+                    self.blobs.writer(session).cancel()
+        return expired
+
+
+def _changed(path: os.PathLike[str]) -> float:
+    """When ``path`` was last written or renamed into place (0 when it does not exist)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return 0.0
+    return max(stat.st_mtime, stat.st_ctime)
