@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from mirror import config, tls
 from mirror.systemd import Notifier
 from tests.peers import REPO_ROOT, MirrorProcess, require, short_tempdir
 
@@ -143,3 +144,18 @@ def test_serve_notifies_ready_watchdog_and_stopping(notify_socket, tmp_path):
         mirror.stop()
         while not messages[-1].startswith(b"STOPPING=1"):
             messages.append(sock.recv(4096))
+
+
+def test_example_config_loads_with_the_units_paths(tmp_path):
+    example = UNITS / "config.example.yaml"
+    loaded = config.load(example, {})
+    assert loaded.storage.root == Path("/var/lib/mirror")  # StateDirectory=mirror
+    assert loaded.upstreams == ()
+    enabled = tmp_path / "config.yaml"  # the commented TLS block, pointed at real files
+    tls.init(tmp_path / "tls", "mirror.example", [])
+    enabled.write_text(example.read_text().replace("# tls:", "tls:")
+                       .replace("#   cert: /etc/mirror/tls", f"  cert: {tmp_path}/tls")
+                       .replace("#   key: /etc/mirror/tls", f"  key: {tmp_path}/tls"))
+    assert config.load(enabled, {}).tls == config.Tls(tmp_path / "tls/server.crt", tmp_path / "tls/server.key")
+    for unit in SERVICES:
+        assert "--config /etc/mirror/config.yaml" in (UNITS / unit).read_text()
