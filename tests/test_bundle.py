@@ -145,12 +145,24 @@ def test_bundle_json_lists_images_and_every_blob_once(source, tmp_path):
         index = json.loads(tar.extractfile("index.json").read())
         docker = json.loads(tar.extractfile("manifest.json").read())
     assert [image.reference for image in described.images] == ["example.com/one:1", "example.com/two:1"]
-    assert {str(blob.digest) for blob in described.blobs} == {b.digest for b in (*shared.blobs, shared.manifest)}
-    assert len([n for n in members(bundle) if n.startswith("blobs/")]) == len(described.blobs) == 3
+    layout_index = described.images[0].layout_index
+    assert layout_index == described.images[1].layout_index and str(layout_index) == docker_layout_index(shared)
+    assert {str(blob.digest) for blob in described.blobs} == {b.digest for b in (*shared.blobs, shared.manifest)} | {
+        str(layout_index)}
+    assert len([n for n in members(bundle) if n.startswith("blobs/")]) == len(described.blobs) == 4
     assert [m["annotations"][format.REF_NAME] for m in index["manifests"]] == ["example.com/one:1",
                                                                                 "example.com/two:1"]
+    assert index["manifests"][0]["digest"] == str(layout_index)
     assert docker[0]["RepoTags"] == ["example.com/one:1"]
     assert docker[0]["Config"] == "blobs/sha256/" + shared.config.digest.removeprefix("sha256:")
+
+
+def docker_layout_index(image: Image) -> str:
+    """The digest of the OCI index that stands for a Docker-typed single-platform ``image`` in index.json."""
+    with_platform = image.manifest.descriptor(platform={"os": image.os, "architecture": image.architecture})
+    body = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+                       "manifests": [with_platform]}, indent=1).encode()
+    return str(Digest.of(body))
 
 
 def test_untrusted_and_unsigned_bundles_are_refused_before_writing(source, target, keys, tmp_path, capsys):
@@ -318,7 +330,8 @@ def test_inventory_is_a_base_for_a_delta(source, target, tmp_path):
     delta = export(source, tmp_path / "delta.tar", "--base", inventory)
     carried = [n for n in members(delta) if n.startswith("blobs/")]
     assert "blobs/sha256/" + source["alpine"].layers[0].digest.removeprefix("sha256:") not in carried
-    assert len(carried) == len(source["app"].blobs) + len(source["app"].images) + 1
+    # the app's blobs, its manifests and index, and the two small layout indexes the target never imports
+    assert len(carried) == len(source["app"].blobs) + len(source["app"].images) + 1 + 2
     with tarfile.open(delta) as tar:
         described = format.Bundle.from_json(tar.extractfile("bundle.json").read())
     assert described.base.kind == "inventory" and described.base.digest == Digest.of(inventory.read_bytes())

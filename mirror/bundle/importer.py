@@ -6,7 +6,8 @@ Order, so that a client never sees half an image and a failure changes nothing i
    either failing refuses the bundle before anything is written;
 2. every blob streams from the tar into a staging store (``state/imports/<bundle id>``), its digest and
    size verified on commit; blobs the store or the staging store already hold are skipped, so a rerun
-   after a kill resumes without rewriting them; a bad blob discards the staging store;
+   after a kill resumes without rewriting them; a bad blob discards the staging store. Layout indexes
+   (FORMAT.md), which only the OCI layout view needs, are not imported;
 3. staged blobs are renamed into the store (same file system: no copy);
 4. per image, manifests and blob links are written, everything is pinned, and the tag comes last.
 """
@@ -53,11 +54,13 @@ class Importer:
         self.bundle = bundle
         self.root = config.storage.root
         self.bundle_id = bundle_id
+        layout_only = {image.layout_index for image in bundle.images} - {image.digest for image in bundle.images}
+        self.blobs = [blob for blob in bundle.blobs if blob.digest not in layout_only]
 
     def run(self, archive: BundleArchive) -> None:
         """Check the base, stage and verify every blob, move them into the store, publish the images."""
         store = FilesystemBlobStore(self.root) if self.root.is_dir() else None
-        missing = [blob for blob in self.bundle.blobs
+        missing = [blob for blob in self.blobs
                    if blob.in_base and (store is None or store.stat(blob.digest) != blob.size)]
         if missing:
             raise BundleInvalid(f"the base of this delta is not in the store: {len(missing)} blobs missing: "
@@ -71,7 +74,7 @@ class Importer:
         except BundleError:
             shutil.rmtree(staging_root, ignore_errors=True)
             raise
-        for blob in self.bundle.blobs:
+        for blob in self.blobs:
             _promote(staging, store, blob.digest)
         registry, pins = Registry(store, Metadata(self.root)), Pins(self.root)
         for image in self.bundle.images:
@@ -82,7 +85,7 @@ class Importer:
 
     def _stage(self, archive: BundleArchive, store: FilesystemBlobStore,
                staging: FilesystemBlobStore) -> tuple[int, int]:
-        expected = {blob.digest: blob for blob in self.bundle.included}
+        expected = {blob.digest: blob for blob in self.blobs if not blob.in_base}
         written = skipped = 0
         with Progress("import", sum(blob.size for blob in expected.values())) as progress:
             for name, _, file in archive.members():
@@ -99,14 +102,15 @@ class Importer:
         return written, skipped
 
     def _check(self, store: FilesystemBlobStore, staging: FilesystemBlobStore) -> None:
-        missing = [blob for blob in self.bundle.blobs
+        missing = [blob for blob in self.blobs
                    if blob.size not in (store.stat(blob.digest), staging.stat(blob.digest))]
         if missing:
             raise BundleInvalid("missing members: " + ", ".join(
                 f"{format.blob_member(blob.digest)} (blob {blob.digest})" for blob in missing))
 
-        def read(digest: Digest) -> bytes:
-            return (staging if staging.stat(digest) is not None else store).read(digest)
+        def read(digest: Digest) -> bytes | None:
+            source = staging if staging.stat(digest) is not None else store
+            return source.read(digest) if source.stat(digest) is not None else None
 
         problems = verify.check_closure(self.bundle, read)
         if problems:
