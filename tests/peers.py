@@ -158,6 +158,11 @@ class PeerProcess:
         assert self._process is not None, f"{self.name} is not running"
         self._process.send_signal(signum)
 
+    def wait(self, timeout: float) -> int:
+        """Wait for the peer to exit by itself; return its exit status."""
+        assert self._process is not None, f"{self.name} is not running"
+        return self._process.wait(timeout)
+
     def stop(self) -> None:
         """Terminate the peer by its pid, killing it if it does not exit within ``stop_timeout``."""
         if self._process is not None:
@@ -409,6 +414,7 @@ class DistributionRegistry(PeerProcess):
         self.host = f"127.0.0.1:{self.port}"
         self.url = f"{'https' if tls else 'http'}://{self.host}"
         self.config_path = self.workdir / "config.yml"
+        self._secret = uuid.uuid4().hex
 
     def config(self) -> dict[str, Any]:
         """The registry's configuration as written to config.yml."""
@@ -417,7 +423,7 @@ class DistributionRegistry(PeerProcess):
             "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
             "storage": {"filesystem": {"rootdirectory": str(self.workdir / "data")},
                         "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
-            "http": {"addr": self.host, "secret": uuid.uuid4().hex},
+            "http": {"addr": self.host, "secret": self._secret},
         }
         if self.tls is not None:
             config["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
@@ -439,8 +445,8 @@ class DistributionRegistry(PeerProcess):
         self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
         return self
 
-    def requests(self) -> list[AccessLogLine]:
-        """Every request logged so far, in log order, after the requests made before this call are logged."""
+    def access_log(self) -> list[AccessLogLine]:
+        """Every request logged so far, in log order, once the requests made before this call are logged."""
         marker = uuid.uuid4().hex
         httpx.get(f"{self.url}/v2/", params={"sync": marker}, timeout=10, verify=False)
         self.wait_until(lambda: marker in self.log(), "the access log to catch up", timeout=10)
@@ -450,7 +456,7 @@ class DistributionRegistry(PeerProcess):
 
     def count_requests(self, method: str, path_substring: str, status: int | None = None) -> int:
         """How many ``method`` requests with ``path_substring`` in their path (answered ``status``) it got."""
-        return sum(1 for line in self.requests() if line.method == method and path_substring in line.path
+        return sum(1 for line in self.access_log() if line.method == method and path_substring in line.path
                    and status in (None, line.status))
 
 
