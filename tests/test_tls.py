@@ -2,19 +2,24 @@
 from __future__ import annotations
 
 import ipaddress
+import shutil
 import socket
 import ssl
 import threading
 from pathlib import Path
 
+import httpx
 import pytest
 from cryptography import x509
 from cryptography.x509.verification import PolicyBuilder, Store
 
 from mirror import cli, config, tls
 from mirror.errors import ConfigError
+from tests.images import build_image, push
+from tests.peers import MirrorProcess
 
 HOSTNAME = "mirror.example"
+IMAGE = build_image("tls", layers=1)
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +151,54 @@ def test_config_tls_errors_name_the_key(tls_dir, tmp_path, text, key):
     with pytest.raises(ConfigError) as raised:
         config.load(write_config(tmp_path / "c.yaml", text.format(dir=tls_dir)), {})
     assert raised.value.key == key
+
+
+@pytest.fixture(scope="module")
+def tls_mirror(tmp_path_factory):
+    """A hosted ``mirror serve`` over HTTPS with a certificate from ``mirror tls init`` (IP SAN 0.0.0.0).
+
+    dockerd takes any 127.0.0.0/8 registry as insecure, so dockerd reaches it as ``0.0.0.0:PORT``.
+    """
+    workdir = tmp_path_factory.mktemp("tls-mirror")
+    certs = workdir / "tls"
+    assert cli.main(["tls", "init", "--dir", str(certs), "--hostname", "mirror.test", "--ip", "0.0.0.0"]) == 0
+    server = MirrorProcess(workdir, {"upstreams": [], "default_upstream": None,
+                                     "tls": {"cert": str(certs / "server.crt"), "key": str(certs / "server.key")}})
+    with server:
+        with httpx.Client(verify=ssl.create_default_context(cafile=certs / "ca.crt"), timeout=60) as client:
+            for repository in ("tls/app", "library/tlshub"):
+                push(server.url, repository, "v1", IMAGE, client=client)
+        yield server, certs / "ca.crt"
+
+
+def test_the_mirror_serves_https_with_the_generated_certificate(tls_mirror):
+    server, ca = tls_mirror
+    assert server.url.startswith("https://127.0.0.1:")
+    with httpx.Client(verify=ssl.create_default_context(cafile=ca), timeout=30) as client:
+        assert client.get(f"{server.url}/v2/").status_code == 200
+    with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"), httpx.Client(timeout=30) as client:
+        client.get(f"{server.url}/v2/")
+
+
+def test_dockerd_pulls_over_https_trusting_only_the_generated_ca(tls_mirror, dockerd):
+    server, ca = tls_mirror
+    host = f"0.0.0.0:{server.port}"
+    assert "insecure-registries" not in dockerd.daemon_json
+    refused = dockerd.docker("pull", f"{host}/tls/app:v1", check=False)
+    assert refused.returncode != 0 and "certificate signed by unknown authority" in refused.stderr
+    dockerd.trust(host, ca)  # /etc/docker/certs.d/0.0.0.0:PORT/ca.crt, as `mirror tls init` says
+    pulled = dockerd.docker("pull", f"{host}/tls/app:v1")
+    assert IMAGE.digest in pulled.stdout
+    dockerd.configure({"registry-mirrors": [f"https://{host}"]})
+    assert IMAGE.digest in dockerd.docker("pull", "tlshub:v1").stdout  # docker.io/library/tlshub via the mirror
+
+
+def test_podman_pulls_over_https_with_the_ca_in_its_cert_dir(tls_mirror, podman, tmp_path):
+    server, ca = tls_mirror
+    cert_dir = tmp_path / "certs.d" / server.host  # the layout of /etc/containers/certs.d/HOST:PORT/
+    cert_dir.mkdir(parents=True)
+    shutil.copy(ca, cert_dir / "ca.crt")
+    pulled = podman.pull(f"{server.host}/tls/app:v1", "--cert-dir", str(cert_dir), tls_verify=True)
+    assert pulled.returncode == 0
+    assert IMAGE.digest in podman.podman("image", "inspect", "--format", "{{.Digest}}",
+                                         f"{server.host}/tls/app:v1").stdout
