@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import httpx
 import pytest
@@ -12,6 +13,7 @@ from tests.peers import (
     MirrorProcess,
     PeerError,
     TokenServer,
+    require,
     write_hosts_toml,
     write_self_signed_certificate,
 )
@@ -30,6 +32,18 @@ def token_registry(tmp_path):
     with TokenServer(tmp_path / "token") as tokens, \
             DistributionRegistry(tmp_path / "registry", auth=tokens) as server:
         yield server
+
+
+def test_require_skips_locally_and_fails_in_ci(monkeypatch):
+    monkeypatch.delenv("CI", raising=False)
+    with pytest.raises(pytest.skip.Exception, match="not installed"):
+        require("no-such-peer-program")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(pytest.skip.Exception, match="needs root"):
+        require("/bin/sh", root=True)
+    monkeypatch.setenv("CI", "true")
+    with pytest.raises(pytest.fail.Exception, match="not installed"):
+        require("no-such-peer-program")
 
 
 def test_images_are_deterministic_and_valid():
