@@ -245,6 +245,12 @@ class PullThrough:
         self._manifest_fetches: dict[tuple[str, str], asyncio.Future[StoredManifest]] = {}
         self._missing: dict[tuple[str, str], float] = {}
 
+    async def close_when_idle(self) -> None:
+        """Close once no fetch is in progress (after a reload replaced this cache)."""
+        while self._fetches or self._manifest_fetches:
+            await asyncio.sleep(1.0)
+        await self.close()
+
     async def close(self) -> None:
         """Release upstream connections and the index."""
         for client in self._clients.values():

@@ -17,7 +17,7 @@ def _config(args: argparse.Namespace) -> config_module.Config:
 def _serve(args: argparse.Namespace) -> int:
     from mirror import server
 
-    return server.serve(_config(args), config_path=args.config)
+    return server.serve(_config(args), config_path=args.config, environ=os.environ)
 
 
 def _keygen(args: argparse.Namespace) -> int:

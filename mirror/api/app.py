@@ -10,8 +10,12 @@ from mirror.api import handlers
 NAME = r"(?P<name>[^?#]+?)"
 
 
-def make_app(**dependencies: Any) -> tornado.web.Application:
-    """The Tornado application serving the Distribution API with ``dependencies`` (registry, ...)."""
+def make_app(dependencies: dict[str, Any]) -> tornado.web.Application:
+    """The Tornado application serving the Distribution API with ``dependencies`` (registry, cache, ...).
+
+    Every route shares the one ``dependencies`` dict and handlers read it when they are created, so a config
+    reload that updates it in place reaches every later request, also on connections already open.
+    """
     routes = [
         (r"/v2/?", handlers.PingHandler),
         (r"/v2/_catalog", handlers.CatalogHandler),

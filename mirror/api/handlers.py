@@ -17,7 +17,6 @@ from mirror.digest import Digest
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry
 from mirror.storage.filesystem import FileBlobWriter
-from mirror.storage.paths import check_name
 
 log = logging.getLogger("mirror.api")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -228,17 +227,25 @@ class UploadHandler(BaseHandler):
     failure: errors.MirrorError | None = None
 
     def prepare(self) -> Any:
-        """Open or resume the upload session the request writes into."""
+        """Open or resume the upload session the request writes into.
+
+        A refusal is kept until the body has been read: answering before that would reset the connection
+        under a client still sending, and it would never see the error.
+        """
         super().prepare()
         name, session = self.path_kwargs["name"], self.path_kwargs.get("session")
         method = self.request.method
-        if method != "GET":
+        if method in ("GET", "DELETE"):
+            return
+        try:
             self.cache.check_writable(name, self.ns)
-        if method == "POST" and self._opens_with_body():
-            self.writer = self.registry.start_upload(name)
-        elif method in ("PATCH", "PUT") and session:
-            self.writer = self.registry.resume_upload(name, session)
-            self.registry.check_chunk_start(self.writer, self._chunk_start())
+            if method == "POST" and self._opens_with_body():
+                self.writer = self.registry.start_upload(name)
+            elif method in ("PATCH", "PUT") and session:
+                self.writer = self.registry.resume_upload(name, session)
+                self.registry.check_chunk_start(self.writer, self._chunk_start())
+        except errors.MirrorError as exc:
+            self.writer, self.failure = None, exc
 
     def _opens_with_body(self) -> bool:
         return self.get_query_argument("digest", None) is not None and not self.get_query_argument("mount", None)
@@ -271,6 +278,7 @@ class UploadHandler(BaseHandler):
 
     async def post(self, name: str, session: None = None) -> None:
         """Mount, take a whole blob in one POST, or open a session."""
+        self._raise_failure()
         mount, source = self.get_query_argument("mount", None), self.get_query_argument("from", None)
         if mount and source and self.registry.mount(name, source, Digest.parse(mount)):
             return self._created(name, Digest.parse(mount))
@@ -289,6 +297,7 @@ class UploadHandler(BaseHandler):
     def put(self, name: str, session: str) -> None:
         """Close the session: verify the digest and publish the blob."""
         self._finish_upload(name)
+
 
     def get(self, name: str, session: str) -> None:
         """Report how much of the upload has arrived."""
@@ -317,7 +326,8 @@ class UploadHandler(BaseHandler):
 
     def _raise_failure(self) -> None:
         if self.failure is not None:
-            self.writer.cancel()
+            if self.writer is not None:
+                self.writer.cancel()
             raise self.failure
 
     def _created(self, name: str, digest: Digest) -> None:
@@ -344,14 +354,10 @@ class ManifestHandler(BaseHandler):
     """``/v2/<name>/manifests/<reference>``: GET/HEAD (end-3), PUT (end-7), DELETE (end-9)."""
 
     def prepare(self) -> None:
-        """Refuse an oversized manifest before reading it."""
+        """Start collecting the body (an oversized one is read and dropped, then refused)."""
         super().prepare()
-        check_name(self.path_kwargs["name"])
         self.body_parts: list[bytes] = []
         self.body_size = 0
-        length = self.request.headers.get("Content-Length", "0")
-        if self.request.method == "PUT" and length.isdigit() and int(length) > MAX_MANIFEST_SIZE:
-            raise errors.ManifestTooLarge(f"manifest of {length} bytes is over the {MAX_MANIFEST_SIZE} byte limit")
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the manifest body up to the size limit."""
