@@ -24,6 +24,7 @@ from mirror.registry import Registry
 from mirror.storage import FilesystemBlobStore, Metadata
 from mirror.storage.pins import Pins
 from tests.images import Blob, Image, Index, build_image, build_index
+from tests.peers import free_port
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,3 +405,23 @@ def test_progress_is_a_bar_on_a_terminal_and_plain_lines_otherwise():
     assert "\r" not in plain.getvalue() and len(lines) == 9
     assert lines[-1].startswith("import: 100%") and "8.00M/8.00M" in lines[-1] and "/s]" in lines[-1]
     assert "\r" in terminal.getvalue() and "100%" in terminal.getvalue()
+
+
+def test_images_file_and_fallback_to_the_store_when_the_upstream_is_down(source, target, tmp_path):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    config = write_config(tmp_path / "offline.yaml", source["root"], default_upstream="docker.io", upstreams=[
+        {"name": "docker.io", "url": nowhere}, {"name": "ghcr.io", "url": nowhere}])
+    listed = tmp_path / "images.yaml"
+    listed.write_text(yaml.safe_dump({"images": ["alpine:3.20", "ghcr.io/org/app:1.0"]}))
+    bundle = tmp_path / "out.tar"
+    assert mirror("bundle", "export", "--config", config, "--output", bundle, "--images", listed) == 0
+    assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
+    assert Metadata(target["root"]).resolve_tag("docker.io/library/alpine", "3.20") == Digest.parse(
+        source["alpine"].digest)
+
+
+def test_export_of_an_unknown_image_fails_and_writes_nothing(source, tmp_path, capsys):
+    assert mirror("bundle", "export", "--config", source["config"], "--output", tmp_path / "out.tar",
+                  "alpine:3.20", "example.com/missing:1") != 0
+    assert "cannot resolve example.com/missing:1" in capsys.readouterr().err
+    assert list(tmp_path.glob("out.tar*")) == [] and list(tmp_path.glob(".out.tar*")) == []

@@ -5,9 +5,11 @@ from __future__ import annotations
 import hashlib
 import json
 
+import httpx
 import pytest
 
-from tests.images import build_image, build_index, push
+from mirror.manifest import OCI_MANIFEST
+from tests.images import OCI_CONFIG, Blob, Image, build_image, build_index, canonical_json, push
 from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, free_port
 from tests.test_bundle import mirror, write_config
 
@@ -28,7 +30,18 @@ def upstreams(tmp_path_factory):
         push(hub.url, "acme/private-app", "v1", images["private"], USER, PASSWORD)
         push(hub.url, "library/multi", "latest", images["multi"], USER, PASSWORD)
         push(ghcr.url, "org/tool", "2.0", images["tool"])
-        yield {"hub": hub, "ghcr": ghcr, "tokens": tokens, "images": images}
+        signature = cosign_signature()
+        push(ghcr.url, "org/tool", images["tool"].digest.replace(":", "-") + ".sig", signature)
+        yield {"hub": hub, "ghcr": ghcr, "tokens": tokens, "images": images, "signature": signature}
+
+
+def cosign_signature() -> Image:
+    """A manifest shaped like a cosign signature (pushed under the ``sha256-<hex>.sig`` tag)."""
+    config = Blob(OCI_CONFIG, b"{}")
+    payload = Blob("application/vnd.dev.cosign.simplesigning.v1+json", b'{"critical": {"type": "test"}}')
+    manifest = Blob(OCI_MANIFEST, canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
+                                                  "config": config.descriptor(), "layers": [payload.descriptor()]}))
+    return Image(config, (payload,), manifest, "", "")
 
 
 @pytest.fixture(scope="module")
@@ -83,3 +96,7 @@ def test_isolated_mirror_serves_an_imported_bundle_to_dockerd_and_podman(upstrea
         inspected = json.loads(dockerd.docker("image", "inspect", "alpine:3.20").stdout)
         assert inspected[0]["RepoDigests"] == [f"alpine@{upstreams['images']['alpine'].digest}"]
         podman.pull(f"{isolated.host}/ghcr.io/org/tool:2.0")
+        tag = upstreams["images"]["tool"].digest.replace(":", "-") + ".sig"
+        signature = httpx.get(f"{isolated.url}/v2/ghcr.io/org/tool/manifests/{tag}",
+                              headers={"Accept": OCI_MANIFEST}, timeout=30)
+        assert signature.status_code == 200 and signature.content == upstreams["signature"].manifest.data
