@@ -77,26 +77,17 @@ async def _export(config: Config, output: Path, references: list[Reference], key
 
 
 async def _resolve(sources: Sources, plan: Plan, ref: Reference, platforms: list[tuple[str, ...]]) -> None:
-    body, media_type, digest = await sources.manifest(ref, ref.reference)
-    top = manifests.parse(body, media_type)
-    source_digest, dropped = None, ()
-    if top.is_index and platforms:
-        kept, dropped = _filter(top.children, platforms)
-        if not kept:
-            wanted = ", ".join("/".join(p) for p in platforms)
-            raise BundleError(f"{ref}: none of its platforms is one of {wanted}")
-        if dropped:
-            data = dict(top.data, manifests=kept)
-            top = manifests.parse(json.dumps(data, indent=1).encode(), top.media_type)
-            source_digest = digest
-            print(f"{ref}: dropped platforms {', '.join(dropped)}; index rewritten {digest} -> {top.digest} "
-                  f"(the original digest cannot be pulled from the importing mirror)")
+    """Add image ``ref`` (filtered to ``platforms``), its referrers and its layout index to the plan."""
+    body, media_type, _ = await sources.manifest(ref, ref.reference)
+    original = manifests.parse(body, media_type)
+    top, dropped = _only(ref, original, platforms)
     images = await _add_manifest(sources, plan, ref, top)
     referrers = []
-    for tag, referrer in await sources.referrers(ref, digest):
-        referrer_body, referrer_type, _ = await sources.manifest(ref, str(referrer))
-        await _add_manifest(sources, plan, ref, manifests.parse(referrer_body, referrer_type))
-        referrers.append(Referrer(referrer, referrer_type, tag))
+    for tag, referrer in await sources.referrers(ref, original.digest):
+        body, media_type, _ = await sources.manifest(ref, str(referrer))
+        await _add_manifest(sources, plan, ref, manifests.parse(body, media_type))
+        referrers.append(Referrer(referrer, media_type, tag))
+    source_digest = original.digest if dropped else None
     layout = await _layout_index(sources, ref, top)
     if layout is not None:
         plan.manifests.setdefault(layout.digest, (layout.body, layout.media_type))
@@ -105,6 +96,22 @@ async def _resolve(sources: Sources, plan: Plan, ref: Reference, platforms: list
     if len(images) == 1:
         plan.docker.append(_docker_entry(ref, images[0]))
     print(f"{ref}: {top.digest} ({len(images)} image{'s' * (len(images) != 1)}, {len(referrers)} referrers)")
+
+
+def _only(ref: Reference, top: manifests.Manifest,
+          platforms: list[tuple[str, ...]]) -> tuple[manifests.Manifest, tuple[str, ...]]:
+    """``top`` with only the entries of ``platforms`` (rewritten when any was dropped), and what was dropped."""
+    if not top.is_index or not platforms:
+        return top, ()
+    kept, dropped = _filter(top.children, platforms)
+    if not kept:
+        raise BundleError(f"{ref}: none of its platforms is one of {', '.join('/'.join(p) for p in platforms)}")
+    if not dropped:
+        return top, ()
+    rewritten = manifests.parse(json.dumps(dict(top.data, manifests=kept), indent=1).encode(), top.media_type)
+    print(f"{ref}: dropped platforms {', '.join(dropped)}; index rewritten {top.digest} -> {rewritten.digest} "
+          f"(the original digest cannot be pulled from the importing mirror)")
+    return rewritten, dropped
 
 
 async def _add_manifest(sources: Sources, plan: Plan, ref: Reference,
