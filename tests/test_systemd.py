@@ -74,6 +74,18 @@ def test_verify_reports_a_broken_unit(tmp_path):
     assert "/opt/nowhere/mirror" in result.stderr
 
 
+def test_sysusers_creates_the_user_the_units_run_as(tmp_path):
+    sysusers = require("systemd-sysusers")
+    (tmp_path / "etc").mkdir()
+    subprocess.run([sysusers, f"--root={tmp_path}", str(UNITS / "mirror-sysusers.conf")],
+                   capture_output=True, text=True, check=True)
+    user = next(line.split(":") for line in (tmp_path / "etc/passwd").read_text().splitlines()
+                if line.startswith("mirror:"))
+    assert user[5] == "/var/lib/mirror" and user[6].endswith("nologin")
+    for unit in SERVICES:
+        assert {"User=mirror", "Group=mirror"} <= set((UNITS / unit).read_text().splitlines())
+
+
 @pytest.fixture
 def notify_socket():
     """A bound unix datagram socket and its path, like systemd's notification socket."""
