@@ -102,11 +102,6 @@ class Index:
         return tuple({blob.digest: blob for image in self.images for blob in image.blobs}.values())
 
 
-def random_bytes(size: int, seed: object = 0) -> bytes:
-    """``size`` pseudo-random bytes, the same for the same seed."""
-    return random.Random(str(seed)).randbytes(size)
-
-
 def random_layer(seed: object = 0, size: int = 64 * 1024, files: int = 2,
                  media_type: str = DOCKER_LAYER) -> tuple[Blob, str]:
     """A gzip tar of ``files`` random files totalling ``size`` bytes, and its uncompressed diff_id."""
