@@ -1,6 +1,8 @@
 """Shared fixtures: a real ``mirror serve`` process for the API tests, and the real peers."""
 from __future__ import annotations
 
+import uuid
+
 import pytest
 
 from tests.peers import Containerd, Dockerd, MirrorProcess, Podman, Skopeo
@@ -49,9 +51,9 @@ def containerd_daemon(tmp_path_factory):
 
 
 @pytest.fixture
-def containerd(containerd_daemon, request):
+def containerd(containerd_daemon):
     """The shared containerd, switched to a fresh namespace so every test pulls cold."""
-    containerd_daemon.namespace = f"test-{id(request)}"
+    containerd_daemon.namespace = f"test-{uuid.uuid4().hex[:12]}"
     return containerd_daemon
 
 
