@@ -1,8 +1,6 @@
 """Shared fixtures: a real ``mirror serve`` process for the API tests, and the real peers."""
 from __future__ import annotations
 
-import uuid
-
 import pytest
 
 from tests.peers import Containerd, Dockerd, MirrorProcess, Podman, Skopeo
@@ -43,18 +41,11 @@ def dockerd(dockerd_daemon):
     dockerd_daemon.reset()
 
 
-@pytest.fixture(scope="session")
-def containerd_daemon(tmp_path_factory):
-    """One private containerd for the whole run (use the ``containerd`` fixture in tests)."""
-    with Containerd(tmp_path_factory.mktemp("containerd")) as daemon:
-        yield daemon
-
-
 @pytest.fixture
-def containerd(containerd_daemon):
-    """The shared containerd, switched to a fresh namespace so every test pulls cold."""
-    containerd_daemon.namespace = f"test-{uuid.uuid4().hex[:12]}"
-    return containerd_daemon
+def containerd(tmp_path):
+    """A private containerd of the test's own (it starts in a tenth of a second), so every pull is cold."""
+    with Containerd(tmp_path / "containerd") as daemon:
+        yield daemon
 
 
 @pytest.fixture

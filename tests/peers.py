@@ -555,16 +555,18 @@ class Dockerd(PeerProcess):
 
 
 class Containerd(PeerProcess):
-    """A private containerd with its own root, state and gRPC socket, driven with ``ctr``."""
+    """A private containerd with its own root, state and gRPC socket, driven with ``ctr``.
+
+    It starts in a tenth of a second: start one per test, since content is shared across namespaces.
+    """
 
     name = "containerd"
     disabled_plugins = ("io.containerd.grpc.v1.cri", "io.containerd.snapshotter.v1.aufs",
                         "io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs",
                         "io.containerd.snapshotter.v1.devmapper")
 
-    def __init__(self, workdir: str | Path, namespace: str = "default"):
+    def __init__(self, workdir: str | Path):
         super().__init__(workdir)
-        self.namespace = namespace
         self.runtime_dir = short_tempdir("containerd-")
         self.socket = self.runtime_dir / "containerd.sock"
         self.config_path = self.workdir / "config.toml"
@@ -579,9 +581,8 @@ class Containerd(PeerProcess):
         return self
 
     def ctr(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-        """Run ``ctr`` against this containerd, in ``self.namespace``."""
-        return run(["/usr/bin/ctr", "--address", str(self.socket), "--namespace", self.namespace, *args],
-                   check=check, timeout=timeout)
+        """Run ``ctr`` against this containerd."""
+        return run(["/usr/bin/ctr", "--address", str(self.socket), *args], check=check, timeout=timeout)
 
     def pull(self, reference: str, hosts_dir: str | Path, *args: str) -> subprocess.CompletedProcess[str]:
         """``ctr images pull --hosts-dir DIR REFERENCE``: hosts resolved through DIR/<host>/hosts.toml."""
