@@ -118,7 +118,7 @@ def test_startup_failure_names_the_log(tmp_path):
     assert not registry.running()
 
 
-def test_dockerd_pulls_tags_and_pushes_with_a_plain_registry(registry, dockerd):
+def test_dockerd_pulls_tags_pushes_saves_and_loads(registry, dockerd, tmp_path):
     image = build_image(seed="dockerd")
     push(registry.url, "test/dockerd", "v1", image)
     dockerd.docker("pull", f"{registry.host}/test/dockerd:v1")
@@ -128,6 +128,9 @@ def test_dockerd_pulls_tags_and_pushes_with_a_plain_registry(registry, dockerd):
     dockerd.docker("tag", f"{registry.host}/test/dockerd:v1", f"{registry.host}/test/pushed:v2")
     dockerd.docker("push", f"{registry.host}/test/pushed:v2")
     assert registry.count_requests("PUT", "/v2/test/pushed/manifests/v2", status=201) == 1
+    dockerd.docker("save", "--output", str(tmp_path / "saved.tar"), f"{registry.host}/test/pushed:v2")
+    dockerd.remove_all_images()
+    assert "Loaded image" in dockerd.docker("load", "--input", str(tmp_path / "saved.tar")).stdout
 
 
 def test_dockerd_pulls_docker_hub_names_through_registry_mirrors(registry, dockerd):
