@@ -59,8 +59,8 @@ def test_images_are_deterministic_and_valid():
 def test_skopeo_pushes_an_oci_layout_and_copies_it_back(registry, skopeo, tmp_path):
     index = build_index(seed="skopeo", oci=True)
     layout = write_oci_layout(tmp_path / "layout", {"v1": index})
-    skopeo.copy(f"oci:{layout}:v1", f"docker://{registry.host}/test/multi:v1")
     reference = f"docker://{registry.host}/test/multi:v1"
+    skopeo.copy(f"oci:{layout}:v1", reference)
     assert skopeo.inspect(reference, raw=True) == json.loads(index.manifest.data)
     skopeo.copy(reference, f"oci:{tmp_path / 'back'}:v1")
     copied = json.loads((tmp_path / "back" / "index.json").read_text())
