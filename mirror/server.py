@@ -2,29 +2,40 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import signal
 import socket
 import ssl
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import tornado.httpserver
+import tornado.ioloop
+import tornado.iostream
 import tornado.netutil
 
 from mirror import systemd, tls
 from mirror.api import make_app
+from mirror.auth import Auth
 from mirror.cache import PullThrough
 from mirror.config import Config, load
 from mirror.errors import ConfigError, MirrorError
+from mirror.events import Events
+from mirror.metrics import Metrics, RequestLog, configure_logging
 from mirror.registry import Registry
 from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.server")
 MAX_BODY = 1 << 40  # uploads stream to disk, so the body size is bounded by the disk, not memory
 DRAIN_SECONDS = 30.0
 UPLOAD_SWEEP_SECONDS = 3600.0
+IDLE_SECONDS = 300.0
+TLS_HANDSHAKE = b"\x16"
+NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
 
 class Activity:
@@ -56,17 +67,27 @@ class Appliance:
     registry: Registry
     cache: PullThrough
     activity: Activity
+    metrics: Metrics
+    events: Events
+    auth: Auth | None = None
 
     def dependencies(self) -> dict[str, Any]:
         """What the request handlers are given."""
-        return {"registry": self.registry, "cache": self.cache, "activity": self.activity}
+        return {"registry": self.registry, "cache": self.cache, "activity": self.activity, "auth": self.auth,
+                "metrics": self.metrics, "events": self.events}
 
 
-def build(config: Config, activity: Activity | None = None) -> Appliance:
+def build(config: Config, activity: Activity | None = None, metrics: Metrics | None = None) -> Appliance:
     """Open the store and wire the registry and the pull-through cache for ``config``."""
     root = config.storage.root
     registry = Registry(FilesystemBlobStore(root), Metadata(root))
-    return Appliance(config, registry, PullThrough(config, registry), activity or Activity())
+    metrics = metrics or Metrics(root)
+    cache = PullThrough(config, registry, lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)),
+                        metrics)
+    auth = None
+    if config.auth is not None:
+        auth = Auth.from_config(config.auth, registry.blobs.layout.state / "auth", cache.repositories)
+    return Appliance(config, registry, cache, activity or Activity(), metrics, Events(config), auth)
 
 
 def listen_sockets(config: Config) -> list[socket.socket]:
@@ -80,6 +101,40 @@ def ssl_context(config: Config) -> ssl.SSLContext | None:
     return tls.server_ssl_context(config.tls.cert, config.tls.key) if config.tls else None
 
 
+class HTTPServer(tornado.httpserver.HTTPServer):
+    """Tornado's HTTP server that answers a TLS handshake on a plain-HTTP port at once.
+
+    Clients such as skopeo and podman try HTTPS first; Tornado would wait for a request line that never
+    comes, so they stall until their own timeout before falling back to HTTP. Like Go's servers, answer a
+    TLS ClientHello with a plain 400 so the client's handshake fails immediately.
+    """
+
+    def handle_stream(self, stream: tornado.iostream.IOStream, address: tuple) -> None:
+        """Peek at the first byte before handing the connection to HTTP."""
+        if self.ssl_options is not None or not isinstance(stream.socket, socket.socket):
+            return super().handle_stream(stream, address)
+        loop, fd = tornado.ioloop.IOLoop.current(), stream.socket.fileno()
+
+        def first_byte(*_: object) -> None:
+            loop.remove_handler(fd)
+            loop.remove_timeout(timeout)
+            try:
+                head = stream.socket.recv(1, socket.MSG_PEEK)
+            except OSError:
+                head = b""
+            if head == TLS_HANDSHAKE:
+                with contextlib.suppress(OSError):
+                    stream.socket.send(NOT_TLS)
+                stream.close()
+            elif head:
+                super(HTTPServer, self).handle_stream(stream, address)
+            else:
+                stream.close()
+
+        loop.add_handler(fd, first_byte, tornado.ioloop.IOLoop.READ)
+        timeout = loop.call_later(IDLE_SECONDS, first_byte)
+
+
 class Service:
     """One serving process: the HTTP server over the current appliance, and what signals do to it."""
 
@@ -88,13 +143,15 @@ class Service:
         self.config_path, self.environ, self.notifier = config_path, environ, notifier
         self.appliance = build(config)
         self.dependencies = self.appliance.dependencies()
-        self.server = tornado.httpserver.HTTPServer(make_app(self.dependencies), max_body_size=MAX_BODY,
-                                                    idle_connection_timeout=300, ssl_options=ssl_context(config))
+        app = make_app(self.dependencies, RequestLog(self.appliance.metrics).finished)
+        self.server = HTTPServer(app, max_body_size=MAX_BODY, idle_connection_timeout=IDLE_SECONDS,
+                                                    ssl_options=ssl_context(config))
         self.stopping = asyncio.Event()
 
     async def run(self, sockets: list[socket.socket]) -> None:
         """Serve on ``sockets`` until SIGTERM or SIGINT, then drain in-flight requests."""
         self.server.add_sockets(sockets)
+        self.appliance.events.start()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(signum, self.stopping.set)
@@ -119,6 +176,7 @@ class Service:
         except TimeoutError:
             log.warning("drain timed out with %d requests in flight", activity.count)
         await self.server.close_all_connections()
+        await self.appliance.events.close()
         await self.appliance.cache.close()
 
     def reload(self) -> None:
@@ -132,7 +190,7 @@ class Service:
                 if before != after:
                     raise ConfigError(key, "cannot change on reload; restart the service")
             context = ssl_context(config)
-            appliance = build(config, activity=self.appliance.activity)
+            appliance = build(config, activity=self.appliance.activity, metrics=self.appliance.metrics)
         except MirrorError as exc:
             log.error("reload failed, keeping the running config: %s", exc.message)
         else:
@@ -140,6 +198,8 @@ class Service:
             self.dependencies.update(appliance.dependencies())
             self.server.ssl_options = context
             asyncio.ensure_future(previous.cache.close_when_idle())
+            appliance.events.start()
+            asyncio.ensure_future(previous.events.close())
             log.info("reloaded config from %s", config.source)
         self.notifier.ready()
 
@@ -149,7 +209,7 @@ class Service:
 
 def serve(config: Config, config_path: str | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the server for ``config`` until stopped; return the exit status."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    configure_logging(sys.stderr)
     environ = environ or {}
     sockets = listen_sockets(config)
 
