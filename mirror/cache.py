@@ -390,6 +390,13 @@ class PullThrough:
             return name
         return route.store
 
+    def repositories(self, name: str, ns: str | None) -> tuple[str, ...]:
+        """The store repositories a pull of ``name`` may be served from, whatever exists (for access rules)."""
+        route = self.router.route(name, ns)
+        if route is None:
+            return (name,)
+        return (route.store,) if route.explicit else (name, route.store)
+
     # eviction
     def evict(self) -> int:
         """Evict least recently used cached blobs until the cache is within ``max_cache_size``; return bytes freed."""

@@ -92,6 +92,28 @@ class Tls:
 
 
 @dataclass(frozen=True)
+class AccessRule:
+    """Who may read and who may write the repositories whose names match ``repository`` (an fnmatch glob)."""
+
+    repository: str
+    read: tuple[str, ...] = ()
+    write: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who may use the registry: htpasswd users, their groups, access rules, and the bearer token service."""
+
+    htpasswd: Path
+    realm: str | None = None
+    service: str = "mirror"
+    token_ttl: float = 300.0
+    anonymous_pull: bool = False
+    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    access: tuple[AccessRule, ...] = ()
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole configuration of one appliance."""
 
@@ -102,6 +124,7 @@ class Config:
     workers: int = 1
     trusted_keys: tuple[Path, ...] = ()
     tls: Tls | None = None
+    auth: Auth | None = None
     source: str = "embedded defaults"
 
     @property
@@ -142,7 +165,7 @@ def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls"}
+    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls", "auth"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -168,7 +191,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError("workers", "must be a whole number from 1 to 64")
     keys = _list(raw.get("trusted_keys"), "trusted_keys")
     trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
-    return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")), source)
+    return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")),
+                  auth=_auth(raw.get("auth")), source=source)
 
 
 def _listen(value: Any) -> str:
@@ -205,6 +229,85 @@ def _tls(raw: Any) -> Tls | None:
         if not isinstance(raw[key], str) or not Path(raw[key]).is_file():
             raise ConfigError(f"tls.{key}", f"{raw[key]!r} is not a file")
     return Tls(Path(raw["cert"]), Path(raw["key"]))
+
+
+def _auth(raw: Any) -> Auth | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("auth", "must be a mapping with at least htpasswd")
+    allowed = {"htpasswd", "realm", "service", "token_ttl", "anonymous_pull", "groups", "access"}
+    for extra in set(raw) - allowed:
+        raise ConfigError(f"auth.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    htpasswd = raw.get("htpasswd")
+    if not isinstance(htpasswd, str) or not Path(htpasswd).is_file():
+        raise ConfigError("auth.htpasswd", f"{htpasswd!r} is not a file")
+    realm = raw.get("realm")
+    if realm is not None and (urlsplit(str(realm)).scheme not in ("http", "https") or '"' in str(realm)):
+        raise ConfigError("auth.realm", f"{realm!r} is not an http:// or https:// URL")
+    service = raw.get("service", Auth.service)
+    if not isinstance(service, str) or not re.fullmatch(r"[A-Za-z0-9._:-]+", service):
+        raise ConfigError("auth.service", "must be a name of letters, digits, '.', '_', ':' or '-'")
+    anonymous_pull = raw.get("anonymous_pull", False)
+    if not isinstance(anonymous_pull, bool):
+        raise ConfigError("auth.anonymous_pull", "must be true or false")
+    groups = raw.get("groups") or {}
+    if not isinstance(groups, dict):
+        raise ConfigError("auth.groups", "must map group names to lists of user names")
+    for reserved in {"*", "anonymous"} & set(groups):
+        raise ConfigError(f"auth.groups.{reserved}", "is a reserved name, not a group")
+    return Auth(
+        htpasswd=Path(htpasswd),
+        realm=None if realm is None else str(realm),
+        service=service,
+        token_ttl=_positive(parse_duration(raw.get("token_ttl", Auth.token_ttl), "auth.token_ttl"), "auth.token_ttl"),
+        anonymous_pull=anonymous_pull,
+        groups={str(name): _principals(members, f"auth.groups.{name}") for name, members in groups.items()},
+        access=tuple(_access_rule(index, rule) for index, rule in enumerate(_list(raw.get("access"), "auth.access"))),
+    )
+
+
+def _access_rule(index: int, raw: Any) -> AccessRule:
+    key = f"auth.access[{index}]"
+    if not isinstance(raw, dict) or not isinstance(raw.get("repository"), str) or not raw["repository"]:
+        raise ConfigError(key, "must be a mapping with repository (a glob) and read and/or write lists")
+    for extra in set(raw) - {"repository", "read", "write"}:
+        raise ConfigError(f"{key}.{extra}", "unknown key (known: read, repository, write)")
+    return AccessRule(raw["repository"], _principals(raw.get("read"), f"{key}.read"),
+                      _principals(raw.get("write"), f"{key}.write"))
+
+
+def _principals(value: Any, key: str) -> tuple[str, ...]:
+    names = _list(value, key)
+    if not all(isinstance(name, str) and name for name in names):
+        raise ConfigError(key, "must be a list of user names, group names, '*' or 'anonymous'")
+    return tuple(names)
+
+
+def _endpoint(index: int, raw: Any) -> Endpoint:
+    key = f"notifications[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a mapping with url")
+    allowed = {"url", "events", "headers", "timeout"}
+    for extra in set(raw) - allowed:
+        raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    url = raw.get("url")
+    parts = urlsplit(str(url or ""))
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ConfigError(f"{key}.url", f"{url!r} is not an http:// or https:// URL")
+    events = _list(raw.get("events", sorted(EVENT_ACTIONS)), f"{key}.events")
+    if not events or not all(isinstance(event, str) and event in EVENT_ACTIONS for event in events):
+        raise ConfigError(f"{key}.events", f"must list some of {', '.join(sorted(EVENT_ACTIONS))}")
+    headers = raw.get("headers") or {}
+    if not isinstance(headers, dict):
+        raise ConfigError(f"{key}.headers", "must map header names to a value or a list of values")
+    pairs = tuple((str(name), str(value)) for name, values in headers.items()
+                  for value in (values if isinstance(values, list) else [values]))
+    for name, value in pairs:
+        if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or "\n" in value or "\r" in value:
+            raise ConfigError(f"{key}.headers.{name}", "is not a valid header name and value")
+    timeout = _positive(parse_duration(raw.get("timeout", Endpoint.timeout), f"{key}.timeout"), f"{key}.timeout")
+    return Endpoint(str(url), frozenset(events), pairs, timeout)
 
 
 def _trusted_key(index: int, value: Any) -> Path:

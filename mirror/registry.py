@@ -5,6 +5,7 @@ Handlers call this and nothing below it; the pull-through cache wraps it. No HTT
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
 
@@ -231,9 +232,9 @@ class Registry:
             raise NameUnknown(f"repository {name} is not known", detail={"name": name})
         return paginate(self.metadata.tags(name), n, last)
 
-    def catalog(self, n: str | None, last: str | None) -> Page:
-        """One page of the repository names."""
-        return paginate(self.metadata.repositories(), n, last)
+    def catalog(self, n: str | None, last: str | None, visible: Callable[[str], bool] = lambda name: True) -> Page:
+        """One page of the names of the repositories that ``visible`` accepts."""
+        return paginate([name for name in self.metadata.repositories() if visible(name)], n, last)
 
     def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> dict[str, Any]:
         """An OCI image index of the manifests referring to ``subject``, filtered by ``artifact_type``."""

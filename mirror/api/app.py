@@ -18,6 +18,7 @@ def make_app(dependencies: dict[str, Any]) -> tornado.web.Application:
     """
     routes = [
         (r"/v2/?", handlers.PingHandler),
+        (r"/token", handlers.TokenHandler),
         (r"/v2/_catalog", handlers.CatalogHandler),
         (rf"/v2/{NAME}/tags/list", handlers.TagsHandler),
         (rf"/v2/{NAME}/manifests/(?P<reference>[^/]+)", handlers.ManifestHandler),

@@ -1,6 +1,7 @@
 """Thin request handlers of the Distribution API: parse the request, call the registry, shape the response."""
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
 import logging
@@ -12,6 +13,7 @@ import tornado.web
 
 from mirror import errors
 from mirror.api import errcodes
+from mirror.auth import Auth, Caller
 from mirror.cache import BlobSource, PullThrough
 from mirror.digest import Digest
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
@@ -29,10 +31,13 @@ class BaseHandler(tornado.web.RequestHandler):
     registry: Registry
     cache: PullThrough
 
-    def initialize(self, registry: Registry, cache: PullThrough, activity: Any = None, **_: Any) -> None:
+    def initialize(self, registry: Registry, cache: PullThrough, activity: Any = None, auth: Auth | None = None,
+                   **_: Any) -> None:
         """Receive the application's dependencies and count this request as in flight."""
         self.registry = registry
         self.cache = cache
+        self.auth = auth
+        self.caller: Caller | None = None
         self.activity = activity
         if activity is not None:
             activity.begin()
@@ -59,6 +64,19 @@ class BaseHandler(tornado.web.RequestHandler):
         raw_path = self.request.path.lower()
         if "%2f" in raw_path or "%5c" in raw_path or "/../" in raw_path or "/./" in raw_path:
             raise errors.NameInvalid("encoded slashes and dot segments are not allowed in paths")
+        if self.auth is not None:
+            self.caller = self.auth.authorize(self.request.headers.get("Authorization"), self.request.method,
+                                              self.path_kwargs.get("name"), self.ns)
+
+    def may_read(self, repository: str) -> bool:
+        """Whether the caller may pull from store repository ``repository`` (anyone may, without auth)."""
+        return self.auth is None or self.auth.may_read(self.caller, repository)
+
+    def challenge(self) -> str:
+        """The ``WWW-Authenticate`` value of a 401: where to get a token for this request."""
+        return self.auth.challenge(f"{self.request.protocol}://{self.request.host}", self.request.method,
+                                   self.path_kwargs.get("name"))
+
 
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Write the error as the spec's JSON document."""
@@ -70,6 +88,12 @@ class BaseHandler(tornado.web.RequestHandler):
             code = errcodes.STATUS_CODES.get(status_code, "UNKNOWN")
             message, detail = self._reason, None
         self.set_status(status_code)
+        if status_code == 401 and self.auth is not None:
+            self.set_header("WWW-Authenticate", self.challenge())
+        if status_code in (401, 403) and self.auth is not None and self.caller is None:
+            # Refused in prepare, before a streamed body was read: Tornado closes the connection after this
+            # answer, so tell the client not to send its next request on it.
+            self.set_header("Connection", "close")
         if isinstance(error, errors.RangeInvalid) and isinstance(error.detail, dict):
             self.set_header("Range", f"0-{max(error.detail['size'] - 1, 0)}")
         self.set_header("Content-Type", "application/json")
@@ -115,7 +139,7 @@ class CatalogHandler(BaseHandler):
     def get(self) -> None:
         """List one page of repository names."""
         n, last = self.get_query_argument("n", None), self.get_query_argument("last", None)
-        page = self.registry.catalog(n, last)
+        page = self.registry.catalog(n, last, self.may_read)
         self.link_next("/v2/_catalog", page, n)
         self.write_json({"repositories": page.items})
 
@@ -280,7 +304,7 @@ class UploadHandler(BaseHandler):
         """Mount, take a whole blob in one POST, or open a session."""
         self._raise_failure()
         mount, source = self.get_query_argument("mount", None), self.get_query_argument("from", None)
-        if mount and source and self.registry.mount(name, source, Digest.parse(mount)):
+        if mount and source and self.may_read(source) and self.registry.mount(name, source, Digest.parse(mount)):
             return self._created(name, Digest.parse(mount))
         if self.writer is not None:
             return self._finish_upload(name)
@@ -402,6 +426,25 @@ class ManifestHandler(BaseHandler):
         self.registry.delete_manifest(name, reference)
         self.set_status(202)
         self.finish()
+
+
+class TokenHandler(BaseHandler):
+    """``/token``: the token endpoint of the docker login flow (only when auth is configured)."""
+
+    def prepare(self) -> None:
+        """Exchanging credentials for a token needs no token: no access check here."""
+        if self.auth is None:
+            raise tornado.web.HTTPError(404)
+
+    async def get(self) -> None:
+        """A token granting what the access rules allow of the requested scopes, for Basic credentials or none."""
+        caller = await asyncio.to_thread(self.auth.login, self.request.headers.get("Authorization"))
+        self.set_header("Cache-Control", "no-store")
+        self.write_json(self.auth.token(caller, self.get_query_arguments("scope")))
+
+    def challenge(self) -> str:
+        """Ask for Basic credentials."""
+        return f'Basic realm="{self.auth.settings.service}"'
 
 
 class NotFoundHandler(BaseHandler):

@@ -1,0 +1,349 @@
+"""Who may do what: htpasswd users, access rules, and the bearer tokens of the docker login flow.
+
+Handlers hand over the ``Authorization`` header, the method and the repository name; they get back the Caller,
+or an Unauthorized (log in first: 401) or Denied (an authenticated user who may not: 403). No decision looks at
+whether a repository exists, so no answer reveals it.
+
+Access rules are tried in order and the first whose fnmatch glob matches the repository decides; after the
+configured rules comes the default rule ``*``: every authenticated user reads and writes, anonymous callers read
+when ``anonymous_pull`` is true. A rule names users, groups, ``*`` (any authenticated user) and ``anonymous``
+(callers without credentials). ``write`` grants push and delete, and implies read.
+
+Rules are matched against the store repository a request reaches: a pull through the default upstream
+(``/v2/library/alpine``) may be served by the hosted repository of that name or by the upstream's
+(``docker.io/library/alpine``), so it needs read on both; with a path prefix or ``?ns=`` only the upstream's.
+
+Tokens are JWTs signed with Ed25519 (``alg: EdDSA``) by a key generated on first start and kept in the store's
+state directory, so every worker process and every restart accepts them until they expire.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import datetime
+import fnmatch
+import hashlib
+import hmac
+import json
+import os
+import secrets
+import tempfile
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import bcrypt
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from mirror import config
+from mirror.errors import ConfigError, Denied, NameInvalid, StorageError, Unauthorized
+from mirror.storage.paths import check_name
+
+PULL, PUSH, DELETE = "pull", "push", "delete"
+READ, WRITE = frozenset({PULL}), frozenset({PULL, PUSH, DELETE})
+METHOD_ACTIONS = {"GET": PULL, "HEAD": PULL, "POST": PUSH, "PUT": PUSH, "PATCH": PUSH, "DELETE": DELETE}
+# What a client asks for in the scope of a challenge, for each action (docker pushes ask for pull,push).
+CHALLENGE_ACTIONS = {PULL: "pull", PUSH: "pull,push", DELETE: "delete"}
+ANONYMOUS, ANY_USER = "anonymous", "*"
+KEY_FILE = "token.key"
+BCRYPT_LIMIT = 72  # bcrypt reads only the first 72 bytes of a password; htpasswd truncates the same way
+MAX_TOKEN = 8192
+CLOCK_SKEW = 30
+
+RepositoryMap = Callable[[str, str | None], Sequence[str]]
+
+
+class Htpasswd:
+    """The users of an htpasswd file of bcrypt entries (as ``htpasswd -B`` writes them), and password checks."""
+
+    def __init__(self, entries: Mapping[str, bytes]):
+        self._entries = dict(entries)
+        self._decoy = next(iter(self._entries.values()), None)
+        self._secret = secrets.token_bytes(32)
+        self._verified: dict[str, bytes] = {}
+
+    @classmethod
+    def load(cls, path: Path) -> Htpasswd:
+        """Read ``path``; raise ConfigError naming the line of an entry that is not bcrypt."""
+        try:
+            lines = path.read_text().splitlines()
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ConfigError("auth.htpasswd", f"cannot read {path}: {exc}") from exc
+        entries = {}
+        for number, line in enumerate(lines, 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            user, _, stored = line.strip().partition(":")
+            if not stored.startswith(("$2y$", "$2b$", "$2a$")):
+                raise ConfigError("auth.htpasswd", f"{path} line {number}: not a bcrypt entry (use htpasswd -B)")
+            if user in (ANONYMOUS, ANY_USER) or not user:
+                raise ConfigError("auth.htpasswd", f"{path} line {number}: {user!r} cannot be a user name")
+            entries[user] = stored.encode()
+        return cls(entries)
+
+    def __contains__(self, user: object) -> bool:
+        return user in self._entries
+
+    def check(self, user: str, password: str) -> bool:
+        """Whether ``password`` is the password of ``user`` (unknown users take as long as known ones)."""
+        stored = self._entries.get(user)
+        fingerprint = hmac.new(self._secret, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+        if stored is not None and hmac.compare_digest(self._verified.get(user, b""), fingerprint):
+            return True  # bcrypt is slow on purpose; a password once verified is remembered in this process
+        if self._decoy is None:
+            return False
+        try:
+            valid = bcrypt.checkpw(password.encode()[:BCRYPT_LIMIT], stored or self._decoy) and stored is not None
+        except ValueError:  # a damaged entry matches no password
+            valid = False
+        if valid:
+            self._verified[user] = fingerprint
+        return valid
+
+
+@dataclass(frozen=True)
+class Scope:
+    """One resource and the actions on it, as in ``repository:team/app:pull,push``."""
+
+    type: str
+    name: str
+    actions: frozenset[str]
+
+    @classmethod
+    def parse(cls, text: str) -> Scope | None:
+        """The scope ``text`` names (``type:name:actions``, the name may hold colons), or None if malformed."""
+        kind, _, rest = text.partition(":")
+        name, _, actions = rest.rpartition(":")
+        if not kind or not name:
+            return None
+        return cls(kind, name, frozenset(action for action in actions.split(",") if action))
+
+    def claim(self) -> dict[str, Any]:
+        """The scope as an entry of a token's ``access`` claim."""
+        return {"type": self.type, "name": self.name, "actions": sorted(self.actions)}
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: a user (None: anonymous) and, when a bearer token was shown, the access it carries."""
+
+    user: str | None
+    granted: tuple[Scope, ...] | None = None
+
+    def token_allows(self, name: str, action: str) -> bool:
+        """Whether the token (if any) grants ``action`` on repository ``name``."""
+        return self.granted is None or any(
+            scope.type == "repository" and scope.name == name and action in scope.actions for scope in self.granted)
+
+
+class Rules:
+    """The configured access rules followed by the default rule; the first whose glob matches decides."""
+
+    def __init__(self, settings: config.Auth):
+        default_readers = (ANY_USER, ANONYMOUS) if settings.anonymous_pull else (ANY_USER,)
+        self.rules = (*settings.access, config.AccessRule("*", default_readers, (ANY_USER,)))
+        self.groups = settings.groups
+
+    def actions(self, user: str | None, repository: str) -> frozenset[str]:
+        """What ``user`` (None: anonymous) may do to ``repository``."""
+        rule = next(rule for rule in self.rules if fnmatch.fnmatchcase(repository, rule.repository))
+        if any(self._names(user, principal) for principal in rule.write):
+            return WRITE
+        return READ if any(self._names(user, principal) for principal in rule.read) else frozenset()
+
+    def _names(self, user: str | None, principal: str) -> bool:
+        if user is None:
+            return principal == ANONYMOUS
+        return principal in (ANY_USER, user) or user in self.groups.get(principal, ())
+
+
+class Tokens:
+    """Issues and verifies the bearer tokens of one service: JWTs signed with an Ed25519 key."""
+
+    def __init__(self, key: Ed25519PrivateKey, service: str, ttl: float):
+        self.key, self.service, self.ttl = key, service, int(ttl)
+        self._header = _b64(json.dumps({"typ": "JWT", "alg": "EdDSA"}).encode())
+
+    def issue(self, user: str | None, access: Iterable[Scope]) -> tuple[str, int]:
+        """A token for ``user`` granting ``access``, and the time it was issued."""
+        now = int(time.time())
+        claims = {"iss": self.service, "aud": self.service, "sub": user or "", "iat": now, "nbf": now,
+                  "exp": now + self.ttl, "jti": uuid.uuid4().hex, "access": [scope.claim() for scope in access]}
+        signing_input = f"{self._header}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
+        return f"{signing_input}.{_b64(self.key.sign(signing_input.encode()))}", now
+
+    def verify(self, token: str) -> Caller:
+        """The caller a valid token speaks for; raise Unauthorized for a forged, foreign or expired one."""
+        try:
+            if len(token) > MAX_TOKEN:
+                raise ValueError("too long")
+            header, payload, signature = token.split(".")
+            if json.loads(_unb64(header)).get("alg") != "EdDSA":
+                raise ValueError("not EdDSA")
+            self.key.public_key().verify(_unb64(signature), f"{header}.{payload}".encode())
+            claims = json.loads(_unb64(payload))
+            now = time.time()
+            if claims["aud"] != self.service or not claims["nbf"] - CLOCK_SKEW <= now < claims["exp"]:
+                raise ValueError("not for us, or not valid now")
+            granted = tuple(Scope(entry["type"], entry["name"], frozenset(entry["actions"]))
+                            for entry in claims["access"])
+            return Caller(claims["sub"] or None, granted)
+        except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature, binascii.Error) as exc:
+            raise Unauthorized("invalid or expired token") from exc
+
+
+class Auth:
+    """The gatekeeper: identifies callers, decides what each may do to which repository, and issues tokens."""
+
+    def __init__(self, settings: config.Auth, users: Htpasswd, tokens: Tokens, repositories: RepositoryMap):
+        self.settings = settings
+        self.users = users
+        self.rules = Rules(settings)
+        self.tokens = tokens
+        self.repositories = repositories
+
+    @classmethod
+    def from_config(cls, settings: config.Auth, state: Path, repositories: RepositoryMap) -> Auth:
+        """Load the htpasswd file and the signing key kept in ``state`` (generated on first start).
+
+        ``repositories(name, ns)`` names the store repositories a pull of ``name`` may be served from.
+        """
+        tokens = Tokens(signing_key(state), settings.service, settings.token_ttl)
+        return cls(settings, Htpasswd.load(settings.htpasswd), tokens, repositories)
+
+    # who is asking
+    def identify(self, authorization: str | None) -> Caller:
+        """The caller that ``Authorization`` (Basic or Bearer, or none: anonymous) names."""
+        scheme, _, credentials = (authorization or "").partition(" ")
+        if scheme.lower() == "bearer":
+            caller = self.tokens.verify(credentials.strip())
+            if caller.user is not None and caller.user not in self.users:
+                raise Unauthorized("the token's user is no longer known")
+            return caller
+        return self.login(authorization)
+
+    def login(self, authorization: str | None) -> Caller:
+        """The caller of Basic credentials (or none: anonymous), as the token endpoint takes them."""
+        if not authorization:
+            return Caller(None)
+        scheme, _, credentials = authorization.partition(" ")
+        if scheme.lower() != "basic":
+            raise Unauthorized("use Basic credentials to get a token")
+        try:
+            user, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+        except (binascii.Error, UnicodeDecodeError) as exc:
+            raise Unauthorized("malformed Basic credentials") from exc
+        if not self.users.check(user, password):
+            raise Unauthorized("invalid username or password")
+        return Caller(user)
+
+    # what they may do
+    def allowed(self, user: str | None, name: str, ns: str | None = None) -> frozenset[str]:
+        """The actions ``user`` may take on repository ``name`` (pulls must be allowed where they may land)."""
+        own = self.rules.actions(user, name)
+        readable = all(PULL in self.rules.actions(user, store) for store in self.repositories(name, ns))
+        return (own - READ) | (READ if readable else frozenset())
+
+    def may_read(self, caller: Caller, repository: str) -> bool:
+        """Whether ``caller`` may pull from the store repository ``repository`` (catalog, mount sources)."""
+        return PULL in self.rules.actions(caller.user, repository)
+
+    def authorize(self, authorization: str | None, method: str, name: str | None, ns: str | None) -> Caller:
+        """The caller, if it may send ``method`` to repository ``name`` (None: ``/v2/`` or the catalog).
+
+        Raise Unauthorized when it should log in (or get a token with more scope), Denied when it is
+        authenticated and the rules refuse it.
+        """
+        caller = self.identify(authorization)
+        if name is None:
+            if not authorization:
+                raise Unauthorized("authentication required")
+            return caller
+        action = METHOD_ACTIONS.get(method, PUSH)
+        if action not in self.allowed(caller.user, check_name(name), ns):
+            if caller.user is None:
+                raise Unauthorized("authentication required", detail=_access_detail(name, action))
+            raise Denied("requested access to the resource is denied", detail=_access_detail(name, action))
+        if not caller.token_allows(name, action):
+            raise Unauthorized("the token does not grant this access", detail=_access_detail(name, action))
+        return caller
+
+    # tokens
+    def token(self, caller: Caller, scopes: Iterable[str]) -> dict[str, Any]:
+        """The token endpoint's answer: a token granting ``caller`` what the rules allow of ``scopes``."""
+        granted = [scope for text in scopes for part in text.split() if (scope := self._grant(caller, part))]
+        token, issued = self.tokens.issue(caller.user, granted)
+        issued_at = datetime.datetime.fromtimestamp(issued, datetime.UTC).isoformat().replace("+00:00", "Z")
+        return {"token": token, "access_token": token, "expires_in": self.tokens.ttl, "issued_at": issued_at}
+
+    def _grant(self, caller: Caller, text: str) -> Scope | None:
+        scope = Scope.parse(text)
+        if scope is None:
+            return None
+        if scope.type == "registry" and scope.name == "catalog":
+            return Scope("registry", "catalog", frozenset({"*"}))
+        if scope.type != "repository":
+            return None
+        try:
+            allowed = self.allowed(caller.user, check_name(scope.name))
+        except NameInvalid:
+            return None
+        wanted = WRITE if "*" in scope.actions else scope.actions
+        return Scope("repository", scope.name, wanted & allowed)
+
+    def challenge(self, base_url: str, method: str, name: str | None) -> str:
+        """The ``WWW-Authenticate`` value sending a client to the token endpoint for ``method`` on ``name``."""
+        realm = self.settings.realm or f"{base_url}/token"
+        challenge = f'Bearer realm="{realm}",service="{self.settings.service}"'
+        try:
+            scope = f"repository:{check_name(name)}:{CHALLENGE_ACTIONS[METHOD_ACTIONS.get(method, PUSH)]}"
+        except (NameInvalid, TypeError):
+            return challenge
+        return f'{challenge},scope="{scope}"'
+
+
+def signing_key(state: Path) -> Ed25519PrivateKey:
+    """The token signing key in ``state/token.key``, generated (mode 0600) when there is none yet.
+
+    Worker processes starting together race to create it; the first link wins and all of them load that one.
+    """
+    path = state / KEY_FILE
+    try:
+        if not path.exists():
+            state.mkdir(mode=0o700, parents=True, exist_ok=True)
+            pem = Ed25519PrivateKey.generate().private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            fd, temporary = tempfile.mkstemp(dir=state, prefix=f".{KEY_FILE}.")
+            try:
+                with os.fdopen(fd, "wb") as file:
+                    file.write(pem)
+                    file.flush()
+                    os.fsync(file.fileno())
+                with contextlib.suppress(FileExistsError):
+                    os.link(temporary, path)
+            finally:
+                os.unlink(temporary)
+        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+    except (OSError, ValueError) as exc:
+        raise StorageError(f"cannot load or create the token signing key {path}: {exc}") from exc
+    if not isinstance(key, Ed25519PrivateKey):
+        raise StorageError(f"{path} is not an Ed25519 private key")
+    return key
+
+
+def _access_detail(name: str, action: str) -> list[dict[str, str]]:
+    return [{"Type": "repository", "Name": name, "Action": action}]
+
+
+def _b64(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def _unb64(text: str) -> bytes:
+    return base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
