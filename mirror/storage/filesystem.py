@@ -166,7 +166,7 @@ class FilesystemBlobStore:
         elif not self.layout.session(session).is_dir():
             raise BlobUploadUnknown(f"upload {session} is unknown or expired", detail={"session": session})
         try:
-            return FileBlobWriter(self, session, self._hashers.pop(session, None))
+            return FileBlobWriter(self, session, self._hashers.pop(session, Hasher()))
         except FileNotFoundError as exc:
             raise BlobUploadUnknown(f"upload {session} is unknown or expired") from exc
         except OSError as exc:
