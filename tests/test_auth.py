@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import json
+import signal
 import stat
 import time
 from pathlib import Path
@@ -354,3 +355,18 @@ def test_docker_login_push_and_pull(mirror, dockerd):
     dockerd.docker("tag", reference, f"{mirror.host}/team/anonymous:v1")
     refused = dockerd.docker("push", f"{mirror.host}/team/anonymous:v1", check=False)
     assert refused.returncode != 0 and "unauthorized" in (refused.stderr + refused.stdout).lower()
+
+
+def test_sighup_rereads_htpasswd_and_rules(tmp_path):
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-secret"})
+    config_ = {"upstreams": [], "auth": {"htpasswd": str(htpasswd)}}
+    with MirrorProcess(tmp_path / "mirror", config_) as server:
+        token_url = f"{server.url}/token?service=mirror&scope=repository:team/app:pull"
+        dave = {"Authorization": basic_authorization("dave", "dave-secret")}
+        assert httpx.get(token_url, headers=dave).status_code == 401
+        assert httpx.get(f"{server.url}/v2/team/app/tags/list").status_code == 401
+        write_htpasswd(htpasswd, {"alice": "alice-secret", "dave": "dave-secret"})
+        server.write_config({**config_, "auth": {**config_["auth"], "anonymous_pull": True}})
+        server.send_signal(signal.SIGHUP)
+        server.wait_until(lambda: httpx.get(token_url, headers=dave).status_code == 200, "the reload")
+        assert httpx.get(f"{server.url}/v2/team/app/tags/list").status_code == 404

@@ -77,7 +77,6 @@ class BaseHandler(tornado.web.RequestHandler):
         return self.auth.challenge(f"{self.request.protocol}://{self.request.host}", self.request.method,
                                    self.path_kwargs.get("name"))
 
-
     def write_error(self, status_code: int, **kwargs: Any) -> None:
         """Write the error as the spec's JSON document."""
         error = kwargs.get("exc_info", (None, None, None))[1]
