@@ -32,6 +32,9 @@ ENV_OVERRIDES = {
     "MIRROR_TLS_KEY": "tls.key",
 }
 
+# The actions a notification endpoint can subscribe to.
+EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
+
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
@@ -84,6 +87,16 @@ class Storage:
 
 
 @dataclass(frozen=True)
+class Endpoint:
+    """A webhook that is POSTed registry events of the subscribed ``events`` actions."""
+
+    url: str
+    events: frozenset[str] = EVENT_ACTIONS
+    headers: tuple[tuple[str, str], ...] = ()
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
 class Tls:
     """The certificate (PEM, may include intermediates) and private key the server offers over HTTPS."""
 
@@ -126,6 +139,7 @@ class Config:
     tls: Tls | None = None
     auth: Auth | None = None
     source: str = "embedded defaults"
+    notifications: tuple[Endpoint, ...] = ()
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -165,7 +179,8 @@ def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls", "auth"}
+    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls", "auth",
+             "notifications"}
     for key in raw:
         if key not in known:
             raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
@@ -191,8 +206,13 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError("workers", "must be a whole number from 1 to 64")
     keys = _list(raw.get("trusted_keys"), "trusted_keys")
     trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
+    endpoints = _list(raw.get("notifications"), "notifications")
+    notifications = tuple(_endpoint(index, entry) for index, entry in enumerate(endpoints))
+    if len({endpoint.url for endpoint in notifications}) != len(notifications):
+        raise ConfigError("notifications", "two endpoints have the same url")
     return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")),
-                  auth=_auth(raw.get("auth")), source=source)
+                  auth=_auth(raw.get("auth")), source=source,
+                  notifications=notifications)
 
 
 def _listen(value: Any) -> str:

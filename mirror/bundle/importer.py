@@ -27,6 +27,7 @@ from mirror.bundle.progress import Progress
 from mirror.config import Config
 from mirror.digest import Digest
 from mirror.errors import BundleError, BundleInvalid, DigestInvalid
+from mirror.events import Events
 from mirror.reference import Reference
 from mirror.registry import Registry
 from mirror.storage import FilesystemBlobStore, Metadata
@@ -54,6 +55,7 @@ class Importer:
         self.bundle = bundle
         self.root = config.storage.root
         self.bundle_id = bundle_id
+        self.events = Events(config)
         layout_only = {image.layout_index for image in bundle.images} - {image.digest for image in bundle.images}
         self.blobs = [blob for blob in bundle.blobs if blob.digest not in layout_only]
 
@@ -128,6 +130,7 @@ class Importer:
                 registry.metadata.tag(name, referrer.tag, referrer.digest)
         if ref.tag:
             registry.metadata.tag(name, ref.tag, image.digest)
+        self.events.emit("import", name, ref.tag, registry.get_manifest(name, str(image.digest)))
         print(f"{image.reference}: {image.digest} published as {name}" + (f":{ref.tag}" if ref.tag else ""))
 
     def _store_manifest(self, registry: Registry, pins: Pins, name: str, digest: Digest, media_type: str) -> None:
