@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import time
@@ -42,6 +43,7 @@ from mirror.errors import (
     UpstreamNotFound,
     UpstreamUnavailable,
 )
+from mirror.metrics import Metrics
 from mirror.reference import DOCKER_HUB, Reference, normalise_registry, store_repository
 from mirror.registry import Registry, StoredManifest
 from mirror.storage.filesystem import CHUNK
@@ -50,6 +52,7 @@ from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.cache")
 NEGATIVE_TTL = 15.0
+HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
 TOUCH_INTERVAL = 60.0
 
 
@@ -93,6 +96,7 @@ class BlobSource(Protocol):
     """Bytes of a blob that a handler can stream, from the store or from a fetch in progress."""
 
     size: int | None
+    origin: str
 
     def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """The bytes in ``[start, end)`` (to the end when ``end`` is None)."""
@@ -101,8 +105,8 @@ class BlobSource(Protocol):
 class StoredBlob:
     """A blob that is in the store."""
 
-    def __init__(self, registry: Registry, digest: Digest, size: int):
-        self.registry, self.digest, self.size = registry, digest, size
+    def __init__(self, registry: Registry, digest: Digest, size: int, origin: str = HOSTED):
+        self.registry, self.digest, self.size, self.origin = registry, digest, size, origin
 
     async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """Read the stored file chunk by chunk."""
@@ -162,6 +166,8 @@ class Fetch:
 
 class FetchFollower:
     """Streams a fetch's bytes as they land on disk, holding back the last byte until it is verified."""
+
+    origin = MISS
 
     def __init__(self, fetch: Fetch):
         if fetch.error is not None:
@@ -234,9 +240,10 @@ class PullThrough:
     """Serves manifests and blobs from hosted content, the cache, or upstream, in that order."""
 
     def __init__(self, config: Config, registry: Registry,
-                 client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient):
+                 client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient, metrics: Metrics | None = None):
         self.config = config
         self.registry = registry
+        self.metrics = metrics or Metrics()
         self.router = Router(config)
         self.pins = Pins(config.storage.root)
         self.index = AccessIndex(registry.blobs.layout.state / "cache-index")
@@ -282,7 +289,7 @@ class PullThrough:
         digest = Digest.parse(reference) if Digest.is_digest(reference) else metadata.resolve_tag(store, reference)
         if digest is not None and metadata.manifest_media_type(store, digest) is not None:
             if Digest.is_digest(reference) or self._fresh(route, reference, digest):
-                return self.registry.get_manifest(store, str(digest))
+                return self._hit(store, digest)
             return await self._revalidate(route, reference, digest)
         return await self._single_manifest_fetch(route, reference)
 
@@ -297,10 +304,10 @@ class PullThrough:
             digest, _, _ = await self._client(route).head_manifest(route.path, tag)
         except UpstreamError as exc:
             log.info("serving %s:%s stale: %s", route.store, tag, exc.message)
-            return self.registry.get_manifest(route.store, str(cached))
+            return self._hit(route.store, cached)
         if digest == cached:
             self.registry.metadata.touch_tag(route.store, tag)
-            return self.registry.get_manifest(route.store, str(cached))
+            return self._hit(route.store, cached)
         return await self._single_manifest_fetch(route, tag)
 
     async def _single_manifest_fetch(self, route: Route, reference: str) -> StoredManifest:
@@ -328,7 +335,10 @@ class PullThrough:
                 self.registry.metadata.link_blob(route.store, Digest.parse(descriptor["digest"]))
         if not Digest.is_digest(reference):
             self.registry.metadata.tag(route.store, reference, digest)
-        return StoredManifest(digest, media_type, body)
+        return StoredManifest(digest, media_type, body, MISS)
+
+    def _hit(self, store: str, digest: Digest) -> StoredManifest:
+        return dataclasses.replace(self.registry.get_manifest(store, str(digest)), origin=HIT)
 
     # blobs
     async def blob(self, name: str, digest: Digest, ns: str | None = None) -> BlobSource:
@@ -343,7 +353,7 @@ class PullThrough:
         size = self.registry.blobs.stat(digest)
         if size is not None and self.registry.metadata.has_blob(route.store, digest):
             self.index.touch(digest)
-            return StoredBlob(self.registry, digest, size)
+            return StoredBlob(self.registry, digest, size, HIT)
         fetch = self._fetches.get(digest)
         if fetch is None:
             fetch = self._fetches[digest] = Fetch(digest, self.registry.blobs.layout.blob(digest))
@@ -407,7 +417,7 @@ class PullThrough:
         if total <= limit:
             return 0
         hosted = [name for name in self.registry.metadata.repositories() if self._is_hosted(name)]
-        freed = 0
+        freed = count = 0
         for digest, size in self.index.oldest_first():
             if total - freed <= limit:
                 break
@@ -416,7 +426,8 @@ class PullThrough:
                 continue
             self.registry.blobs.delete(digest)
             self.index.forget(digest)
-            freed += size
+            freed, count = freed + size, count + 1
+        self.metrics.evicted_blobs(count, freed)
         log.info("evicted %d bytes of cached blobs", freed)
         return freed
 

@@ -35,6 +35,7 @@ class StoredManifest:
     digest: Digest
     media_type: str
     body: bytes
+    origin: str = "hosted"  # or, from the pull-through cache, "hit" or "miss"
 
 
 @dataclass(frozen=True)

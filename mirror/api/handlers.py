@@ -16,6 +16,7 @@ from mirror.api import errcodes
 from mirror.auth import Auth, Caller
 from mirror.cache import BlobSource, PullThrough
 from mirror.digest import Digest
+from mirror.events import Content, Events
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry
 from mirror.storage.filesystem import FileBlobWriter
@@ -30,12 +31,16 @@ class BaseHandler(tornado.web.RequestHandler):
 
     registry: Registry
     cache: PullThrough
+    bytes_sent = 0  # body bytes written, for the access log and metrics
+    cache_result: str | None = None  # where the blob or manifest served came from: hosted, hit or miss
+    error_message: str | None = None  # why the request failed, for the access log
 
     def initialize(self, registry: Registry, cache: PullThrough, activity: Any = None, auth: Auth | None = None,
-                   **_: Any) -> None:
+                   events: Events | None = None, **_: Any) -> None:
         """Receive the application's dependencies and count this request as in flight."""
         self.registry = registry
         self.cache = cache
+        self.events = events
         self.auth = auth
         self.caller: Caller | None = None
         self.activity = activity
@@ -99,9 +104,9 @@ class BaseHandler(tornado.web.RequestHandler):
         self.finish(errcodes.body(code, message, detail))
 
     def log_exception(self, typ: Any, value: Any, tb: Any) -> None:
-        """Registry errors are the client's business: log them briefly, not as crashes."""
+        """Registry errors are the client's business: the request's access log line tells them, not a crash log."""
         if isinstance(value, errors.MirrorError):
-            log.info("%s %s: %s", self.request.method, self.request.path, value.message)
+            self.error_message = value.message
         else:
             super().log_exception(typ, value, tb)
 
@@ -109,6 +114,21 @@ class BaseHandler(tornado.web.RequestHandler):
     def ns(self) -> str | None:
         """The upstream registry containerd names with ``?ns=``."""
         return self.get_query_argument("ns", None)
+
+    def get_current_user(self) -> str | None:
+        """The authenticated user's name (Tornado's ``current_user``), None when anonymous."""
+        return self.caller.user if self.caller is not None else None
+
+    def write(self, chunk: str | bytes | dict[str, Any]) -> None:
+        """Queue ``chunk`` for the client, counting its bytes (handlers write bytes)."""
+        super().write(chunk)
+        if isinstance(chunk, bytes):
+            self.bytes_sent += len(chunk)
+
+    def notify(self, action: str, name: str, reference: str, content: Content | None = None) -> None:
+        """Queue the ``action`` event of this request for the notification endpoints."""
+        if self.events is not None:
+            self.events.emit(action, name, reference, content, self.request, self.current_user)
 
     def write_json(self, document: Any, content_type: str = "application/json") -> None:
         """Finish with a JSON document."""
@@ -181,11 +201,13 @@ class BlobHandler(BaseHandler):
         """Remove the blob from the repository."""
         self.cache.check_writable(name, self.ns)
         self.registry.delete_blob(name, Digest.parse(digest))
+        self.notify("delete", name, digest)
         self.set_status(202)
         self.finish()
 
     async def _send(self, name: str, digest: Digest, body: bool) -> None:
         source = await self.cache.blob(name, digest, self.ns)
+        self.cache_result = source.origin
         self.set_header("Docker-Content-Digest", str(digest))
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("ETag", f'"{digest}"')
@@ -232,10 +254,10 @@ class BlobHandler(BaseHandler):
                     sent = True
         except tornado.iostream.StreamClosedError:
             return
-        except errors.MirrorError:
+        except errors.MirrorError as exc:
             if not sent:
                 raise
-            log.warning("aborting %s: its source failed mid-transfer", self.request.path)
+            self.error_message = f"transfer aborted, its source failed: {exc.message}"
             self.request.connection.stream.close()
             return
         self.finish()
@@ -398,6 +420,9 @@ class ManifestHandler(BaseHandler):
 
     async def _send(self, name: str, reference: str, body: bool) -> None:
         manifest = await self.cache.manifest(name, reference, self.ns)
+        self.cache_result = manifest.origin
+        if body:
+            self.notify("pull", name, reference, manifest)
         self.set_header("Content-Type", manifest.media_type)
         self.set_header("Docker-Content-Digest", str(manifest.digest))
         self.set_header("ETag", f'"{manifest.digest}"')
@@ -411,6 +436,7 @@ class ManifestHandler(BaseHandler):
             raise errors.ManifestTooLarge(f"manifest is over the {MAX_MANIFEST_SIZE} byte limit")
         manifest = self.registry.put_manifest(name, reference, b"".join(self.body_parts),
                                               self.request.headers.get("Content-Type"))
+        self.notify("push", name, reference, manifest)
         self.set_status(201)
         self.set_header("Location", f"/v2/{name}/manifests/{manifest.digest}")
         self.set_header("Docker-Content-Digest", str(manifest.digest))
@@ -423,6 +449,7 @@ class ManifestHandler(BaseHandler):
         """Delete a tag, or a manifest by digest."""
         self.cache.check_writable(name, self.ns)
         self.registry.delete_manifest(name, reference)
+        self.notify("delete", name, reference)
         self.set_status(202)
         self.finish()
 
