@@ -47,6 +47,7 @@ WRK_SCRIPT = ('done = function(summary, latency, requests)\n'
               '                         e.connect + e.read + e.write + e.status + e.timeout))\n'
               'end\n')
 TIMEOUT = 900  # bound on any one client command
+QUIET_SECONDS = 2.0  # an upstream log that did not grow for this long has logged every request
 
 
 class BenchError(RuntimeError):
@@ -160,10 +161,11 @@ class Contender:
         """The server's base URL."""
         return self.server.url
 
-    def restart_empty(self) -> None:
-        """Stop the server, delete its store and start it again: everything is cold."""
+    def restart(self, empty: bool) -> None:
+        """Stop the server and start it again: a fresh process, and a cold one too if ``empty`` (store deleted)."""
         self.server.stop()
-        shutil.rmtree(self.store, ignore_errors=True)
+        if empty:
+            shutil.rmtree(self.store, ignore_errors=True)
         self.server.start()
 
 
@@ -348,10 +350,24 @@ class Bench:
                 row.add(contender.name, measure(contender))
         return row
 
-    def empty_proxies(self) -> None:
-        """Restart both pull-through caches with empty stores."""
+    def restart_proxies(self, empty: bool = True) -> None:
+        """Restart both pull-through caches, with empty stores unless told otherwise."""
         for contender in self.proxies:
-            contender.restart_empty()
+            contender.restart(empty)
+
+    def upstream_gets(self, path: str) -> int:
+        """GETs of ``path`` the upstream logged, once it logged none for a while.
+
+        The upstream logs a request when it ends, and Distribution's proxy stores a blob with a GET of its own
+        that may end after its clients got their bytes.
+        """
+        count, deadline = self.upstream.count_requests("GET", path), time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(QUIET_SECONDS)
+            count, previous = self.upstream.count_requests("GET", path), count
+            if count == previous:
+                break
+        return count
 
     # URLs and client actions
 
@@ -386,7 +402,7 @@ class Bench:
                     Target("ratio", "<=", 1.2))
         progress(f"{blob.figure}; {image.figure}")
         for round_number in range(plan.rounds):
-            self.empty_proxies()
+            self.restart_proxies()
             for row, fetch in ((blob, self.get_big_blob), (image, self.pull_multi)):
                 for contender in self.order(round_number, self.proxies):
                     row.add(contender.name, self.timing(contender, fetch))
@@ -404,11 +420,11 @@ class Bench:
         progress(fanout.figure)
         path = f"/blobs/{self.layer_digest}"
         for round_number in range(plan.rounds):
-            self.empty_proxies()
+            self.restart_proxies()
             for contender in self.order(round_number, self.proxies):
-                before = self.upstream.count_requests("GET", path)
+                before = self.upstream_gets(path)
                 timing, growth = self.cold_fanout(contender)
-                gets.add(contender.name, Sample(self.upstream.count_requests("GET", path) - before))
+                gets.add(contender.name, Sample(self.upstream_gets(path) - before))
                 fanout.add(contender.name, timing)
                 memory.add(contender.name, Sample(growth))
         return [gets, fanout, memory]
@@ -461,11 +477,12 @@ class Bench:
         return observe(contender.server.pid, measure)
 
     def serving_memory_row(self) -> Row:
-        """Peak RSS growth while serving the cached big blob ``serve_gets`` times over ``serve_streams``."""
+        """Peak RSS growth of a fresh process serving the cached big blob (``serve_gets`` GETs, in parallel)."""
         plan = self.plan
+        self.restart_proxies(empty=False)
         total = size_text(plan.serve_gets * plan.big_layer)
-        row = Row("rss_growth", f"peak RSS growth serving {total} ({plan.serve_gets} GETs, {plan.serve_streams} "
-                  "streams)", "MiB", "lower", Target("mirror", "<", 100))
+        row = Row("rss_growth", f"peak RSS growth of a fresh process serving {total} ({plan.serve_gets} GETs, "
+                  f"{plan.serve_streams} streams)", "MiB", "lower", Target("mirror", "<", 100))
         progress(row.figure)
         for contender in self.proxies:
             fetches = [(self.blob_url(contender), self.layer.size)] * plan.serve_gets
@@ -486,7 +503,7 @@ class Bench:
         progress("docker pull through registry-mirrors")
         daemon = self.start(Dockerd(self.workdir / "dockerd"))
         for round_number in range(self.plan.docker_rounds):
-            self.empty_proxies()
+            self.restart_proxies()
             for contender in self.order(round_number, self.proxies):
                 daemon.configure({"registry-mirrors": [contender.url]})
                 for row in (cold, warm):
@@ -560,14 +577,18 @@ def footnotes(rows: Sequence[Row]) -> str:
     return "\n".join(notes)
 
 
-def report(rows: Sequence[Row], plan: Plan, started: datetime.datetime, output: Path) -> None:
-    """Print the table and write the JSON file."""
+def report(rows: Sequence[Row], plan: Plan, started: datetime.datetime, load: tuple[float, ...],
+           output: Path) -> None:
+    """Print the table and write the JSON file; ``load`` is the load average when the run started."""
     print(table(rows))
     print()
     print(footnotes(rows))
+    print(f"- load average before the run: {' '.join(f'{value:.2f}' for value in load)} "
+          "(other work on the machine makes every figure noisier)")
     document = {"started": started.isoformat(timespec="seconds"),
                 "seconds": round((datetime.datetime.now(datetime.UTC) - started).total_seconds()),
-                "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version()},
+                "host": {"cpus": os.cpu_count(), "kernel": platform.release(), "python": platform.python_version(),
+                         "load_average_before": load},
                 "plan": vars(plan), "rows": [row.as_json() for row in rows]}
     output.write_text(json.dumps(document, indent=1) + "\n")
     print(f"\nwrote {output}")
@@ -602,7 +623,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     plan = QUICK if args.quick else Plan()
     plan = replace(plan, rounds=args.rounds or plan.rounds, seconds=args.seconds or plan.seconds)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # unwind, so every server is stopped
-    started = datetime.datetime.now(datetime.UTC)
+    started, load = datetime.datetime.now(datetime.UTC), os.getloadavg()
     with contextlib.ExitStack() as stack:
         workdir = args.workdir or Path(tempfile.mkdtemp(prefix="mirror-bench-"))
         workdir.mkdir(parents=True, exist_ok=True)
@@ -613,7 +634,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         except (BenchError, PeerError) as exc:
             print(f"tools/bench: {exc}", file=sys.stderr)
             return 1
-    report(rows, plan, started, args.output)
+    report(rows, plan, started, load, args.output)
     return 0
 
 
