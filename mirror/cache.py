@@ -58,38 +58,38 @@ TOUCH_INTERVAL = 60.0
 
 @dataclass(frozen=True)
 class Route:
-    """Where a repository's content comes from: an upstream, its path there, and its store repository."""
+    """Where a repository's content comes from: a registry, its upstream (None when none is configured: only
+    what was imported or cached is served), the path there, and the store repository."""
 
-    upstream: Upstream
+    registry: str
+    upstream: Upstream | None
     path: str
     store: str
-    explicit: bool  # named by path prefix or ?ns=, not just the default upstream
+    explicit: bool  # named by path prefix or ?ns=, not just the default
 
 
 class Router:
-    """Maps the repository names clients ask for onto upstreams."""
+    """Maps the repository names clients ask for onto registries and their upstreams."""
 
     def __init__(self, config: Config):
-        self.upstreams = {upstream.name: upstream for upstream in config.upstreams}
         self.by_prefix = {upstream.name.replace(":", "_"): upstream for upstream in config.upstreams}
-        self.default = config.upstream(config.default_upstream) if config.default_upstream else None
+        self.default = config.default_upstream
 
     def route(self, name: str, ns: str | None = None) -> Route | None:
-        """The route of repository ``name`` (with containerd's ``ns`` query), or None for hosted only."""
+        """The route of repository ``name`` (with containerd's ``ns`` query); None for a hosted-only name."""
         first, _, rest = name.partition("/")
-        if rest and first in self.by_prefix:
-            return self._route(self.by_prefix[first], rest, explicit=True)
-        if ns and normalise_registry(ns) in self.upstreams:
-            return self._route(self.upstreams[normalise_registry(ns)], name, explicit=True)
-        if self.default is not None:
-            return self._route(self.default, name, explicit=False)
-        return None
-
-    @staticmethod
-    def _route(upstream: Upstream, path: str, explicit: bool) -> Route:
-        if normalise_registry(upstream.name) == DOCKER_HUB and "/" not in path:
+        if rest and (first in self.by_prefix or "." in first or first == "localhost"):
+            registry, path, explicit = first, rest, True
+        elif ns:
+            registry, path, explicit = normalise_registry(ns), name, True
+        elif self.default:
+            registry, path, explicit = self.default, name, False
+        else:
+            return None
+        if normalise_registry(registry) == DOCKER_HUB and "/" not in path:
             path = f"library/{path}"
-        return Route(upstream, path, store_repository(upstream.name, path), explicit)
+        upstream = self.by_prefix.get(normalise_registry(registry).replace(":", "_"))
+        return Route(registry, upstream, path, store_repository(registry, path), explicit)
 
 
 class BlobSource(Protocol):
@@ -268,20 +268,19 @@ class PullThrough:
     def check_writable(self, name: str, ns: str | None) -> None:
         """Refuse a push into a repository that mirrors an upstream, unless that upstream allows pushes."""
         route = self.router.route(name, ns)
-        if route is not None and route.explicit and not route.upstream.allow_push:
-            raise Unsupported(f"{name} mirrors upstream {route.upstream.name}; pushes go to that registry",
-                              detail={"upstream": route.upstream.name})
+        if route and route.explicit and route.upstream is not None and not route.upstream.allow_push:
+            raise Unsupported(f"{name} mirrors upstream {route.registry}; pushes go to that registry",
+                              detail={"upstream": route.registry})
 
     # manifests
     async def manifest(self, name: str, reference: str, ns: str | None = None) -> StoredManifest:
         """The manifest ``reference`` of ``name``: hosted, cached (revalidated after its TTL) or fetched."""
         route = self.router.route(name, ns)
-        if route is None or not route.explicit:
-            try:
+        if route is None:
+            return self.registry.get_manifest(name, reference)
+        if not route.explicit:
+            with contextlib.suppress(ManifestUnknown, NameUnknown):
                 return self.registry.get_manifest(name, reference)
-            except (ManifestUnknown, NameUnknown):
-                if route is None:
-                    raise
         return await self._cached_manifest(route, reference)
 
     async def _cached_manifest(self, route: Route, reference: str) -> StoredManifest:
@@ -294,7 +293,7 @@ class PullThrough:
         return await self._single_manifest_fetch(route, reference)
 
     def _fresh(self, route: Route, tag: str, digest: Digest) -> bool:
-        if self.pins.is_pinned(digest):
+        if route.upstream is None or self.pins.is_pinned(digest):
             return True
         written = self.registry.metadata.tag_mtime(route.store, tag)
         return written is not None and time.time() - written < route.upstream.manifest_ttl
@@ -312,8 +311,9 @@ class PullThrough:
 
     async def _single_manifest_fetch(self, route: Route, reference: str) -> StoredManifest:
         key = (route.store, reference)
-        if time.time() < self._missing.get(key, 0):
-            raise ManifestUnknown(f"manifest {reference} is not in upstream {route.upstream.name}/{route.path}")
+        if route.upstream is None or time.time() < self._missing.get(key, 0):
+            raise ManifestUnknown(f"manifest {reference} is not in {route.registry}/{route.path}",
+                                  detail={"name": route.store, "reference": reference[:200]})
         future = self._manifest_fetches.get(key)
         if future is None:
             future = asyncio.ensure_future(self._fetch_manifest(route, reference))
@@ -326,8 +326,8 @@ class PullThrough:
             body, media_type, digest = await self._client(route).get_manifest(route.path, reference)
         except UpstreamNotFound as exc:
             self._missing[(route.store, reference)] = time.time() + NEGATIVE_TTL
-            raise ManifestUnknown(f"manifest {reference} is not in upstream {route.upstream.name}/{route.path}",
-                                  detail={"upstream": route.upstream.name}) from exc
+            raise ManifestUnknown(f"manifest {reference} is not in {route.registry}/{route.path}",
+                                  detail={"name": route.store, "reference": reference[:200]}) from exc
         parsed = _lenient_parse(body, media_type, digest)
         self.registry.store_manifest(route.store, parsed)
         for descriptor in parsed.blobs:
@@ -344,16 +344,17 @@ class PullThrough:
     async def blob(self, name: str, digest: Digest, ns: str | None = None) -> BlobSource:
         """The blob ``digest`` of ``name``: hosted, cached, or being fetched from upstream right now."""
         route = self.router.route(name, ns)
-        if route is None or not route.explicit:
-            try:
+        if route is None:
+            return StoredBlob(self.registry, digest, self.registry.blob_size(name, digest))
+        if not route.explicit:
+            with contextlib.suppress(BlobUnknown):
                 return StoredBlob(self.registry, digest, self.registry.blob_size(name, digest))
-            except BlobUnknown:
-                if route is None:
-                    raise
         size = self.registry.blobs.stat(digest)
         if size is not None and self.registry.metadata.has_blob(route.store, digest):
             self.index.touch(digest)
             return StoredBlob(self.registry, digest, size, HIT)
+        if route.upstream is None:
+            raise BlobUnknown(f"blob {digest} is not in {route.store}", detail={"digest": str(digest)})
         fetch = self._fetches.get(digest)
         if fetch is None:
             fetch = self._fetches[digest] = Fetch(digest, self.registry.blobs.layout.blob(digest))
@@ -378,7 +379,7 @@ class PullThrough:
             await asyncio.to_thread(self.evict)  # before the last byte is released: the bound holds at once
             error = None
         except UpstreamNotFound as exc:
-            error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.upstream.name}/{route.path}",
+            error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.registry}/{route.path}",
                                 detail={"digest": str(fetch.digest)})
             error.__cause__ = exc
         except DigestInvalid as exc:
@@ -388,7 +389,7 @@ class PullThrough:
         finally:
             if error is not None:
                 writer.cancel()
-                log.warning("fetch of %s from %s failed: %s", fetch.digest, route.upstream.name, error.message)
+                log.warning("fetch of %s from %s failed: %s", fetch.digest, route.registry, error.message)
             self._fetches.pop(fetch.digest, None)
             fetch.finish(error)
 

@@ -35,6 +35,7 @@ ENV_OVERRIDES = {
 # The actions a notification endpoint can subscribe to.
 EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
 
+REGISTRY_NAME = re.compile(r"[A-Za-z0-9.-]+(:\d+)?")
 _SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
@@ -195,8 +196,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
         raise ConfigError("upstreams", "two upstreams have the same name")
-    if default is not None and default not in names:
-        raise ConfigError("default_upstream", f"{default!r} is not the name of a configured upstream")
+    if default is not None and (not isinstance(default, str) or not REGISTRY_NAME.fullmatch(default)):
+        raise ConfigError("default_upstream", f"{default!r} is not a registry host name such as docker.io")
     workers = raw.get("workers", 1)
     try:
         workers = int(workers)
@@ -352,7 +353,7 @@ def _upstream(index: int, raw: Any) -> Upstream:
     for extra in set(raw) - allowed:
         raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
     name, url = raw.get("name"), raw.get("url")
-    if not isinstance(name, str) or not re.fullmatch(r"[A-Za-z0-9.-]+(:\d+)?", name):
+    if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name", "must be a registry host name such as docker.io")
     parts = urlsplit(str(url or ""))
     if parts.scheme not in ("http", "https") or not parts.netloc:
