@@ -246,7 +246,7 @@ class PullThrough:
         self.metrics = metrics or Metrics()
         self.router = Router(config)
         self.pins = Pins(config.storage.root)
-        self.index = AccessIndex(registry.blobs.layout.state / "cache-index")
+        self.index = AccessIndex(registry.blobs.layout.cache_index)
         self._clients = {upstream.name: client_factory(upstream) for upstream in config.upstreams}
         self._fetches: dict[Digest, Fetch] = {}
         self._manifest_fetches: dict[tuple[str, str], asyncio.Future[StoredManifest]] = {}

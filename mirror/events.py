@@ -76,7 +76,7 @@ class Events:
 
     def __init__(self, config: Config) -> None:
         self.endpoints = config.notifications
-        self.folder = Layout(config.storage.root).state / "events"
+        self.folder = Layout(config.storage.root).events
         self.source = {"addr": f"{socket.gethostname()}:{config.host_port[1]}", "instanceID": str(uuid.uuid4())}
         self._wake = {endpoint: asyncio.Event() for endpoint in self.endpoints}
         self._sender: asyncio.Task[None] | None = None

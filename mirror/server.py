@@ -86,7 +86,7 @@ def build(config: Config, activity: Activity | None = None, metrics: Metrics | N
                         metrics)
     auth = None
     if config.auth is not None:
-        auth = Auth.from_config(config.auth, registry.blobs.layout.state / "auth", cache.repositories)
+        auth = Auth.from_config(config.auth, registry.blobs.layout.auth, cache.repositories)
     return Appliance(config, registry, cache, activity or Activity(), metrics, Events(config), auth)
 
 

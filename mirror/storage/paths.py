@@ -16,6 +16,10 @@
                                                         yet moved into blobs/); kept so a rerun resumes
       state/gc-trash/<alg>/<hex>                        a blob the garbage collector is deleting; moved back
                                                         if a manifest took it meanwhile (see ``gc.py``)
+      state/cache-index/                                diskcache of pull-through blobs: size and last use,
+                                                        for least-recently-used eviction (``cache.py``)
+      state/auth/token.key                              the key that signs bearer tokens (``auth.py``)
+      state/events/<endpoint>/<time>-<id>.json          notification events not yet delivered (``events.py``)
 
 Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
 nested repository. Every argument is validated here: no caller can make a path leave the root.
@@ -60,6 +64,9 @@ class Layout:
         self.state = self.root / "state"
         self.pins = self.state / "pins"
         self.trash = self.state / "gc-trash"
+        self.cache_index = self.state / "cache-index"
+        self.auth = self.state / "auth"
+        self.events = self.state / "events"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
