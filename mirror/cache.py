@@ -91,6 +91,13 @@ class Router:
         upstream = self.by_prefix.get(normalise_registry(registry).replace(":", "_"))
         return Route(registry, upstream, path, store_repository(registry, path), explicit)
 
+    def repositories(self, name: str, ns: str | None) -> tuple[str, ...]:
+        """The store repositories a pull of ``name`` may be served from, whatever exists (for access rules)."""
+        route = self.route(name, ns)
+        if route is None:
+            return (name,)
+        return (route.store,) if route.explicit else (name, route.store)
+
 
 class BlobSource(Protocol):
     """Bytes of a blob that a handler can stream, from the store or from a fetch in progress."""
@@ -239,12 +246,12 @@ class AccessIndex:
 class PullThrough:
     """Serves manifests and blobs from hosted content, the cache, or upstream, in that order."""
 
-    def __init__(self, config: Config, registry: Registry,
+    def __init__(self, config: Config, registry: Registry, router: Router,
                  client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient, metrics: Metrics | None = None):
         self.config = config
         self.registry = registry
         self.metrics = metrics or Metrics()
-        self.router = Router(config)
+        self.router = router
         self.pins = Pins(config.storage.root)
         self.index = AccessIndex(registry.blobs.layout.cache_index)
         self._clients = {upstream.name: client_factory(upstream) for upstream in config.upstreams}
@@ -400,13 +407,6 @@ class PullThrough:
         if route is None or (not route.explicit and self.registry.metadata.exists(name)):
             return name
         return route.store
-
-    def repositories(self, name: str, ns: str | None) -> tuple[str, ...]:
-        """The store repositories a pull of ``name`` may be served from, whatever exists (for access rules)."""
-        route = self.router.route(name, ns)
-        if route is None:
-            return (name,)
-        return (route.store,) if route.explicit else (name, route.store)
 
     # eviction
     def evict(self) -> int:

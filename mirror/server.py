@@ -20,7 +20,7 @@ import tornado.netutil
 from mirror import systemd, tls
 from mirror.api import make_app
 from mirror.auth import Auth
-from mirror.cache import PullThrough
+from mirror.cache import PullThrough, Router
 from mirror.config import Config, load
 from mirror.errors import ConfigError, MirrorError
 from mirror.events import Events
@@ -82,11 +82,11 @@ def build(config: Config, activity: Activity | None = None, metrics: Metrics | N
     root = config.storage.root
     registry = Registry(FilesystemBlobStore(root), Metadata(root))
     metrics = metrics or Metrics(root)
-    cache = PullThrough(config, registry, lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)),
-                        metrics)
-    auth = None
-    if config.auth is not None:
-        auth = Auth.from_config(config.auth, registry.blobs.layout.auth, cache.repositories)
+    router = Router(config)
+    auth = None if config.auth is None else Auth.from_config(config.auth, registry.blobs.layout.auth,
+                                                             router.repositories)
+    cache = PullThrough(config, registry, router,
+                        lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)), metrics)
     return Appliance(config, registry, cache, activity or Activity(), metrics, Events(config), auth)
 
 
