@@ -15,6 +15,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import fcntl
+import json
 import logging
 import os
 import time
@@ -46,7 +48,8 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.reference import DOCKER_HUB, Reference, normalise_registry, store_repository
 from mirror.registry import Registry, StoredManifest
-from mirror.storage.filesystem import CHUNK
+from mirror.storage.filesystem import CHUNK, write_atomic
+from mirror.storage.paths import Layout
 from mirror.storage.pins import Pins
 from mirror.upstream import UpstreamClient
 
@@ -54,6 +57,7 @@ log = logging.getLogger("mirror.cache")
 NEGATIVE_TTL = 15.0
 HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
 TOUCH_INTERVAL = 60.0
+FOREIGN_POLL = 0.01  # seconds between looks at a fetch another worker process is doing
 
 
 @dataclass(frozen=True)
@@ -171,12 +175,98 @@ class Fetch:
         event.set()
 
 
+class FetchClaim:
+    """One worker process's exclusive right to fetch a blob, visible to the other workers sharing the store.
+
+    The holder keeps an ``flock`` on ``state/fetching/<digest>.lock`` for the whole fetch and names its upload
+    session in the ``.json`` beside it once the upstream answered. It commits the blob before it deletes the
+    lock file and unlocks, so a worker that gets the lock next finds the blob in the store.
+    """
+
+    def __init__(self, lock: Path, note: Path, fd: int):
+        self.lock, self.note, self._fd = lock, note, fd
+
+    @classmethod
+    def take(cls, layout: Layout, digest: Digest) -> FetchClaim | None:
+        """The claim on ``digest``, or None while another process holds it."""
+        lock, note = layout.fetch_claim(digest)
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(lock, note, fd)
+
+    @staticmethod
+    def held(layout: Layout, digest: Digest) -> bool:
+        """Whether some process is fetching ``digest`` right now."""
+        claim = FetchClaim.take(layout, digest)
+        if claim is None:
+            return True
+        claim.release()
+        return False
+
+    def publish(self, session: str, size: int | None) -> None:
+        """Tell the other workers which upload session receives the bytes."""
+        write_atomic(self.note, json.dumps({"session": session, "size": size}).encode(), durable=False)
+
+    def release(self) -> None:
+        """Give the claim up (after the blob was committed or the fetch failed)."""
+        for path in (self.note, self.lock):
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
+        os.close(self._fd)
+
+
+class ForeignFetch:
+    """A fetch that another worker process is doing, followed through its upload session file."""
+
+    def __init__(self, layout: Layout, digest: Digest, fd: int, size: int | None):
+        self.layout, self.digest, self.size = layout, digest, size
+        self.written, self.done, self.error = 0, False, None
+        self._fd = fd
+        self._refresh()
+
+    @classmethod
+    async def join(cls, layout: Layout, digest: Digest) -> ForeignFetch | None:
+        """Follow the fetch of ``digest`` once its holder has published it; None if the holder let go first."""
+        _, note = layout.fetch_claim(digest)
+        while FetchClaim.held(layout, digest):
+            with contextlib.suppress(OSError, ValueError, KeyError):
+                info = json.loads(note.read_bytes())
+                for path in (layout.session(info["session"]) / "data", layout.blob(digest)):
+                    with contextlib.suppress(FileNotFoundError):
+                        return cls(layout, digest, os.open(path, os.O_RDONLY | os.O_CLOEXEC), info["size"])
+            await asyncio.sleep(FOREIGN_POLL)
+        return None
+
+    def reader(self) -> int:
+        """The file descriptor to read from (handed over: the follower closes it)."""
+        return self._fd
+
+    async def progress(self) -> None:
+        """Wait a moment and look again at how far the other worker got."""
+        await asyncio.sleep(FOREIGN_POLL)
+        self._refresh()
+
+    def _refresh(self) -> None:
+        committed = self.layout.blob(self.digest).exists()  # before the size: a committed file is complete
+        if not committed and not FetchClaim.held(self.layout, self.digest):
+            committed = self.layout.blob(self.digest).exists()
+            if not committed:
+                self.error = UpstreamUnavailable(f"the worker fetching {self.digest} gave up")
+        self.written = os.fstat(self._fd).st_size
+        self.done = committed  # committed, hence verified: the file we follow is the blob now
+
+
 class FetchFollower:
     """Streams a fetch's bytes as they land on disk, holding back the last byte until it is verified."""
 
     origin = MISS
 
-    def __init__(self, fetch: Fetch):
+    def __init__(self, fetch: Fetch | ForeignFetch):
         if fetch.error is not None:
             raise fetch.error
         self.fetch = fetch
@@ -362,20 +452,36 @@ class PullThrough:
             return StoredBlob(self.registry, digest, size, HIT)
         if route.upstream is None:
             raise BlobUnknown(f"blob {digest} is not in {route.store}", detail={"digest": str(digest)})
-        fetch = self._fetches.get(digest)
-        if fetch is None:
-            fetch = self._fetches[digest] = Fetch(digest, self.registry.blobs.layout.blob(digest))
-            asyncio.ensure_future(self._fetch_blob(route, fetch))
-        await fetch.started.wait()
-        return FetchFollower(fetch)
+        layout = self.registry.blobs.layout
+        while True:
+            fetch = self._fetches.get(digest)
+            if fetch is None:
+                claim = FetchClaim.take(layout, digest)
+                if claim is None:
+                    foreign = await ForeignFetch.join(layout, digest)
+                    if foreign is not None:
+                        return FetchFollower(foreign)
+                    if (size := self.registry.blobs.stat(digest)) is not None:
+                        self.registry.metadata.link_blob(route.store, digest)
+                        return StoredBlob(self.registry, digest, size, HIT)
+                    continue  # the other worker gave up: try to take over
+                if (size := self.registry.blobs.stat(digest)) is not None:  # committed while we looked
+                    claim.release()
+                    self.registry.metadata.link_blob(route.store, digest)
+                    return StoredBlob(self.registry, digest, size, HIT)
+                fetch = self._fetches[digest] = Fetch(digest, layout.blob(digest))
+                asyncio.ensure_future(self._fetch_blob(route, fetch, claim))
+            await fetch.started.wait()
+            return FetchFollower(fetch)
 
-    async def _fetch_blob(self, route: Route, fetch: Fetch) -> None:
+    async def _fetch_blob(self, route: Route, fetch: Fetch, claim: FetchClaim) -> None:
         writer = self.registry.blobs.writer()
         error: MirrorError | None = UpstreamUnavailable(f"fetch of {fetch.digest} was interrupted")
         try:
             async with self._client(route).stream_blob(route.path, fetch.digest) as stream:
                 fetch.size = stream.size
                 fetch.open(writer.path)
+                claim.publish(writer.id, stream.size)
                 fetch.started.set()
                 async for chunk in stream.aiter(CHUNK):
                     writer.write(chunk)
@@ -398,6 +504,7 @@ class PullThrough:
                 writer.cancel()
                 log.warning("fetch of %s from %s failed: %s", fetch.digest, route.registry, error.message)
             self._fetches.pop(fetch.digest, None)
+            claim.release()
             fetch.finish(error)
 
     # listings

@@ -4,11 +4,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import socket
 import ssl
 import sys
-from collections.abc import Mapping
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,6 +36,7 @@ MAX_BODY = 1 << 40  # uploads stream to disk, so the body size is bounded by the
 DRAIN_SECONDS = 30.0
 UPLOAD_SWEEP_SECONDS = 3600.0
 IDLE_SECONDS = 300.0
+SUPERVISE_SECONDS = 0.5
 TLS_HANDSHAKE = b"\x16"
 NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
 
@@ -207,14 +210,77 @@ class Service:
         self.appliance.registry.expire_uploads(self.appliance.config.storage.upload_expiry)
 
 
+class Supervisor:
+    """Forks the worker processes that share the listening sockets, passes signals on, replaces crashed ones.
+
+    The supervisor is the service's main process: it alone talks to systemd (READY, STOPPING, watchdog).
+    """
+
+    def __init__(self, count: int, work: Callable[[], None], notifier: systemd.Notifier):
+        self.count, self.work, self.notifier = count, work, notifier
+        self.children: set[int] = set()
+        self.stopping = False
+
+    def run(self) -> int:
+        """Start the workers and wait for them; return the exit status."""
+        for _ in range(self.count):
+            self._spawn()
+        signal.signal(signal.SIGTERM, self._stop)
+        signal.signal(signal.SIGINT, self._stop)
+        signal.signal(signal.SIGHUP, self._forward)
+        self.notifier.ready(f"{self.count} workers")
+        interval, next_ping = self.notifier.watchdog_interval, time.monotonic()
+        while self.children:
+            if interval and time.monotonic() >= next_ping:
+                self.notifier.ping()
+                next_ping = time.monotonic() + interval
+            pid, status = os.waitpid(-1, os.WNOHANG)
+            if pid == 0:
+                time.sleep(SUPERVISE_SECONDS)
+                continue
+            self.children.discard(pid)
+            if not self.stopping:
+                log.error("worker %d ended (status %d); starting another", pid, status)
+                self._spawn()
+        return 0
+
+    def _spawn(self) -> None:
+        pid = os.fork()
+        if pid == 0:
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+                signal.signal(signum, signal.SIG_DFL)
+            code = 1
+            try:
+                self.work()
+                code = 0
+            except BaseException:
+                log.exception("worker %d failed", os.getpid())
+            finally:
+                os._exit(code)
+        self.children.add(pid)
+
+    def _stop(self, signum: int, _: object) -> None:
+        self.stopping = True
+        self.notifier.stopping()
+        self._forward(signum, _)
+
+    def _forward(self, signum: int, _: object) -> None:
+        for pid in self.children:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signum)
+
+
 def serve(config: Config, config_path: str | None = None, environ: Mapping[str, str] | None = None) -> int:
-    """Run the server for ``config`` until stopped; return the exit status."""
+    """Run the server for ``config`` until stopped, in ``config.workers`` processes; return the exit status."""
     configure_logging(sys.stderr)
     environ = environ or {}
     sockets = listen_sockets(config)
+    notifier = systemd.Notifier.from_environ(environ)
 
-    async def main() -> None:
-        await Service(config, config_path, environ, systemd.Notifier.from_environ(environ)).run(sockets)
+    def work(notifier: systemd.Notifier) -> None:
+        asyncio.run(Service(config, config_path, environ, notifier).run(sockets))
 
-    asyncio.run(main())
-    return 0
+    if config.workers == 1:
+        work(notifier)
+        return 0
+    return Supervisor(config.workers, lambda: work(systemd.Notifier(None)), notifier).run()

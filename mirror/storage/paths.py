@@ -20,6 +20,9 @@
                                                         for least-recently-used eviction (``cache.py``)
       state/auth/token.key                              the key that signs bearer tokens (``auth.py``)
       state/events/<endpoint>/<time>-<id>.json          notification events not yet delivered (``events.py``)
+      state/fetching/<alg>-<hex>.lock, .json            the worker process fetching a blob from upstream holds
+                                                        the lock and names its upload session in the JSON, so
+                                                        other workers follow it instead of fetching again
 
 Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
 nested repository. Every argument is validated here: no caller can make a path leave the root.
@@ -67,6 +70,7 @@ class Layout:
         self.cache_index = self.state / "cache-index"
         self.auth = self.state / "auth"
         self.events = self.state / "events"
+        self.fetching = self.state / "fetching"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
@@ -101,6 +105,11 @@ class Layout:
     def tag(self, name: str, tag: str) -> Path:
         """The file that holds the digest tag ``tag`` of ``name`` points at."""
         return self.tags(name) / check_tag(tag)
+
+    def fetch_claim(self, digest: Digest) -> tuple[Path, Path]:
+        """The lock file and the session note of a pull-through fetch of ``digest``."""
+        stem = self.fetching / f"{digest.algorithm}-{digest.hex}"
+        return stem.with_suffix(".lock"), stem.with_suffix(".json")
 
     def pin(self, digest: Digest) -> Path:
         """The file whose presence pins blob ``digest`` against eviction."""
