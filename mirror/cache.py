@@ -151,9 +151,15 @@ class Fetch:
         self.written += count
         self._wake()
 
+    def verified(self) -> None:
+        """Release every byte: the digest checked out (the blob may still be being committed)."""
+        self.done = True
+        self._wake()
+
     def finish(self, error: MirrorError | None) -> None:
-        """Mark the fetch verified and complete, or failed with ``error``."""
-        self.done, self.error = error is None, error
+        """End the fetch: committed, or failed with ``error`` (readers see it only if not yet verified)."""
+        if not self.done:
+            self.done, self.error = error is None, error
         self.started.set()
         self._wake()
         if self._fd is not None:
@@ -483,13 +489,18 @@ class PullThrough:
                 fetch.open(writer.path)
                 claim.publish(writer.id, stream.size)
                 fetch.started.set()
-                async for chunk in stream.aiter(CHUNK):
+                async for chunk in stream.aiter():
                     writer.write(chunk)
                     fetch.advance(len(chunk))
+            hashed = writer.digest(fetch.digest.algorithm)
+            if hashed is not None and hashed != fetch.digest:
+                raise DigestInvalid(f"content digest {hashed} does not match {fetch.digest}")
+            await asyncio.to_thread(self.evict, fetch.written)  # make room first: the bound always holds
+            if hashed is not None:
+                fetch.verified()  # verified on the way in: clients need not wait for the commit's fsync
             await asyncio.to_thread(writer.commit, fetch.digest)
             self.registry.metadata.link_blob(route.store, fetch.digest)
             self.index.record(fetch.digest, fetch.written)
-            await asyncio.to_thread(self.evict)  # before the last byte is released: the bound holds at once
             error = None
         except UpstreamNotFound as exc:
             error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.registry}/{route.path}",
@@ -516,24 +527,25 @@ class PullThrough:
         return route.store
 
     # eviction
-    def evict(self) -> int:
-        """Evict least recently used cached blobs until the cache is within ``max_cache_size``; return bytes freed."""
+    def evict(self, incoming: int = 0) -> int:
+        """Evict least recently used cached blobs until they and ``incoming`` more bytes fit in
+        ``max_cache_size``; return the bytes freed. Pinned and hosted blobs leave the index, not the store."""
         limit = self.config.storage.max_cache_size
         if limit is None:
             return 0
-        total = self.index.total()
+        total = self.index.total() + incoming
         if total <= limit:
             return 0
         hosted = [name for name in self.registry.metadata.repositories() if self._is_hosted(name)]
         freed = count = 0
         for digest, size in self.index.oldest_first():
-            if total - freed <= limit:
+            if total <= limit:
                 break
+            total -= size
+            self.index.forget(digest)
             if self.pins.is_pinned(digest) or any(self.registry.metadata.has_blob(h, digest) for h in hosted):
-                self.index.forget(digest)
                 continue
             self.registry.blobs.delete(digest)
-            self.index.forget(digest)
             freed, count = freed + size, count + 1
         self.metrics.evicted_blobs(count, freed)
         log.info("evicted %d bytes of cached blobs", freed)

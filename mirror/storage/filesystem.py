@@ -88,6 +88,12 @@ class FileBlobWriter:
                 raise storage_error(exc) from exc
         self._store.remember(self.id, self._hasher)
 
+    def digest(self, algorithm: str = "sha256") -> Digest | None:
+        """The digest of the bytes written so far, when they were hashed with ``algorithm`` on the way in."""
+        if self._hasher is not None and self._hasher.algorithm == algorithm:
+            return self._hasher.digest()
+        return None
+
     def commit(self, expected: Digest | None = None) -> Digest:
         """Verify, fsync and rename into ``blobs/``; on a mismatch the session is kept and DigestInvalid raised."""
         try:
