@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import fcntl
 import json
 import logging
@@ -389,10 +388,11 @@ class PullThrough:
     async def _cached_manifest(self, route: Route, reference: str) -> StoredManifest:
         store, metadata = route.store, self.registry.metadata
         digest = Digest.parse(reference) if Digest.is_digest(reference) else metadata.resolve_tag(store, reference)
-        if digest is not None and metadata.manifest_media_type(store, digest) is not None:
+        media_type = metadata.manifest_media_type(store, digest) if digest is not None else None
+        if digest is not None and media_type is not None:
             if Digest.is_digest(reference) or self._fresh(route, reference, digest):
-                return self._hit(store, digest)
-            return await self._revalidate(route, reference, digest)
+                return self._hit(digest, media_type)
+            return await self._revalidate(route, reference, digest, media_type)
         return await self._single_manifest_fetch(route, reference)
 
     def _fresh(self, route: Route, tag: str, digest: Digest) -> bool:
@@ -401,15 +401,15 @@ class PullThrough:
         written = self.registry.metadata.tag_mtime(route.store, tag)
         return written is not None and time.time() - written < route.upstream.manifest_ttl
 
-    async def _revalidate(self, route: Route, tag: str, cached: Digest) -> StoredManifest:
+    async def _revalidate(self, route: Route, tag: str, cached: Digest, media_type: str) -> StoredManifest:
         try:
             digest, _, _ = await self._client(route).head_manifest(route.path, tag)
         except UpstreamError as exc:
             log.info("serving %s:%s stale: %s", route.store, tag, exc.message)
-            return self._hit(route.store, cached)
+            return self._hit(cached, media_type)
         if digest == cached:
             self.registry.metadata.touch_tag(route.store, tag)
-            return self._hit(route.store, cached)
+            return self._hit(cached, media_type)
         return await self._single_manifest_fetch(route, tag)
 
     async def _single_manifest_fetch(self, route: Route, reference: str) -> StoredManifest:
@@ -440,8 +440,8 @@ class PullThrough:
             self.registry.metadata.tag(route.store, reference, digest)
         return StoredManifest(digest, media_type, body, MISS)
 
-    def _hit(self, store: str, digest: Digest) -> StoredManifest:
-        return dataclasses.replace(self.registry.get_manifest(store, str(digest)), origin=HIT)
+    def _hit(self, digest: Digest, media_type: str) -> StoredManifest:
+        return StoredManifest(digest, media_type, self.registry.manifest_body(digest), HIT)
 
     # blobs
     async def blob(self, name: str, digest: Digest, ns: str | None = None) -> BlobSource:

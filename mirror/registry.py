@@ -5,6 +5,7 @@ Handlers call this and nothing below it; the pull-through cache wraps it. No HTT
 from __future__ import annotations
 
 import time
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, BinaryIO
@@ -64,12 +65,36 @@ def paginate(items: list[str], n: str | None, last: str | None) -> Page:
     return Page(chosen, chosen[-1] if size and len(items) > size else None)
 
 
+class BodyCache:
+    """Manifest bodies by digest, least recently used dropped beyond ``budget`` bytes."""
+
+    def __init__(self, budget: int = 32 << 20):
+        self.budget, self.size = budget, 0
+        self._bodies: OrderedDict[Digest, bytes] = OrderedDict()
+
+    def get(self, digest: Digest) -> bytes | None:
+        """The body of ``digest`` if kept."""
+        body = self._bodies.get(digest)
+        if body is not None:
+            self._bodies.move_to_end(digest)
+        return body
+
+    def put(self, digest: Digest, body: bytes) -> None:
+        """Keep ``body``, dropping the least recently used beyond the budget."""
+        if len(body) <= self.budget // 16 and digest not in self._bodies:
+            self._bodies[digest] = body
+            self.size += len(body)
+            while self.size > self.budget:
+                self.size -= len(self._bodies.popitem(last=False)[1])
+
+
 class Registry:
     """Hosted repositories in one store: blobs, uploads, manifests, tags, referrers."""
 
     def __init__(self, blobs: FilesystemBlobStore, metadata: Metadata):
         self.blobs = blobs
         self.metadata = metadata
+        self._bodies = BodyCache()
 
     # blobs
     def blob_size(self, name: str, digest: Digest) -> int:
@@ -148,26 +173,29 @@ class Registry:
                                     detail={"session": session[:100]})
 
     # manifests
-    def resolve(self, name: str, reference: str) -> Digest:
-        """The digest that ``reference`` (tag or digest) names in ``name``."""
+    def get_manifest(self, name: str, reference: str) -> StoredManifest:
+        """The manifest ``reference`` (tag or digest) names in ``name``, byte for byte as pushed."""
         check_name(name)
         if Digest.is_digest(reference):
-            digest = Digest.parse(reference)
+            digest: Digest | None = Digest.parse(reference)
         else:
             digest = self.metadata.resolve_tag(name, check_tag(reference))
-        if digest is None or self.metadata.manifest_media_type(name, digest) is None:
+        media_type = self.metadata.manifest_media_type(name, digest) if digest is not None else None
+        if digest is None or media_type is None:
             raise ManifestUnknown(f"manifest {reference} is not in {name}",
                                   detail={"name": name, "reference": reference[:200]})
-        return digest
+        return StoredManifest(digest, media_type, self.manifest_body(digest))
 
-    def get_manifest(self, name: str, reference: str) -> StoredManifest:
-        """The manifest ``reference`` names in ``name``, byte for byte as pushed."""
-        digest = self.resolve(name, reference)
-        media_type = self.metadata.manifest_media_type(name, digest) or manifests.OCI_MANIFEST
-        try:
-            return StoredManifest(digest, media_type, self.blobs.read(digest))
-        except BlobUnknown as exc:
-            raise ManifestUnknown(f"manifest {reference} is not in {name}") from exc
+    def manifest_body(self, digest: Digest) -> bytes:
+        """The bytes of manifest ``digest`` (kept in memory: content-addressed bytes never change)."""
+        body = self._bodies.get(digest)
+        if body is None:
+            try:
+                body = self.blobs.read(digest)
+            except BlobUnknown as exc:
+                raise ManifestUnknown(f"manifest {digest} is not in the store") from exc
+            self._bodies.put(digest, body)
+        return body
 
     def put_manifest(self, name: str, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
         """Validate and store a manifest, tag it when ``reference`` is a tag; return it parsed."""

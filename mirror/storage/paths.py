@@ -29,6 +29,7 @@ nested repository. Every argument is validated here: no caller can make a path l
 """
 from __future__ import annotations
 
+import functools
 import re
 from pathlib import Path
 
@@ -74,7 +75,7 @@ class Layout:
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
-        return self.blobs / digest.algorithm / digest.hex[:2] / digest.hex
+        return Path(f"{self.blobs}/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}")
 
     def session(self, session: str) -> Path:
         """The folder of an upload or fetch session."""
@@ -84,15 +85,20 @@ class Layout:
 
     def repository(self, name: str) -> Path:
         """The metadata folder of repository ``name``."""
-        return self.repositories / check_name(name)
+        return Path(self._repository(name))
+
+    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Layout per store, kept for the process's life
+    def _repository(self, name: str) -> str:
+        # Paths on the request path are built as strings: pathlib's joins cost more than the I/O they prepare.
+        return f"{self.repositories}/{check_name(name)}"
 
     def blob_link(self, name: str, digest: Digest) -> Path:
         """The file whose presence lets ``name`` serve blob ``digest``."""
-        return self.repository(name) / "_blobs" / digest.algorithm / digest.hex
+        return Path(f"{self._repository(name)}/_blobs/{digest.algorithm}/{digest.hex}")
 
     def manifest_link(self, name: str, digest: Digest) -> Path:
         """The file that records manifest ``digest`` in ``name`` with its media type."""
-        return self.repository(name) / "_manifests" / digest.algorithm / digest.hex
+        return Path(f"{self._repository(name)}/_manifests/{digest.algorithm}/{digest.hex}")
 
     def manifests(self, name: str) -> Path:
         """The folder of manifest links of ``name``."""
@@ -104,7 +110,7 @@ class Layout:
 
     def tag(self, name: str, tag: str) -> Path:
         """The file that holds the digest tag ``tag`` of ``name`` points at."""
-        return self.tags(name) / check_tag(tag)
+        return Path(f"{self._repository(name)}/_tags/{check_tag(tag)}")
 
     def fetch_claim(self, digest: Digest) -> tuple[Path, Path]:
         """The lock file and the session note of a pull-through fetch of ``digest``."""
@@ -113,7 +119,7 @@ class Layout:
 
     def pin(self, digest: Digest) -> Path:
         """The file whose presence pins blob ``digest`` against eviction."""
-        return self.pins / digest.algorithm / digest.hex
+        return Path(f"{self.pins}/{digest.algorithm}/{digest.hex}")
 
     def trashed(self, digest: Digest) -> Path:
         """Where the garbage collector keeps blob ``digest`` between unpublishing and deleting it."""
