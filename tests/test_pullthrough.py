@@ -10,6 +10,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror.digest import Digest
+from mirror.storage.pins import Pins
 from tests.images import build_image, build_index, push
 from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, write_hosts_toml
 
@@ -205,18 +207,22 @@ def test_eviction_keeps_the_cache_under_its_bound_and_pinned_content(tmp_path, h
             httpx.Client(base_url=mirror.url, timeout=30) as client:
         hosted = build_image("hosted", layers=1, layer_size=400_000)
         push(mirror.url, "team/app", "1", hosted)
+        pinned = images[0].layers[0]  # as a bundle import pins what it brings
+        assert client.get(f"/v2/ghcr.io/org/evict0/blobs/{pinned.digest}").status_code == 200
+        Pins(Path(mirror.workdir, "store")).pin(Digest.parse(pinned.digest))
         for n, image in enumerate(images):
             for blob in image.blobs:
                 assert client.get(f"/v2/ghcr.io/org/evict{n}/blobs/{blob.digest}").status_code == 200
         store = Path(mirror.workdir, "store/blobs")
         cached = [blob for image in images for blob in image.blobs
                   if (store / "sha256" / blob.digest[7:9] / blob.digest[7:]).exists()]
-        assert sum(b.size for b in cached) <= bound
+        assert pinned in cached  # never evicted, and not counted against the bound
+        assert sum(b.size for b in cached if b != pinned) <= bound
         assert images[-1].layers[0] in cached  # the most recently used stays
         assert client.get(f"/v2/team/app/blobs/{hosted.layers[0].digest}").content == hosted.layers[0].data
         # an evicted blob comes back from upstream on demand
-        first = images[0].layers[0]
-        assert client.get(f"/v2/ghcr.io/org/evict0/blobs/{first.digest}").content == first.data
+        evicted = next(blob for blob in images[1].blobs if blob not in cached)
+        assert client.get(f"/v2/ghcr.io/org/evict1/blobs/{evicted.digest}").content == evicted.data
 
 
 def test_push_into_a_mirrored_repository_is_refused(mirror):
