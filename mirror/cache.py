@@ -354,10 +354,11 @@ class PullThrough:
         self._manifest_fetches: dict[tuple[str, str], asyncio.Future[StoredManifest]] = {}
         self._missing: dict[tuple[str, str], float] = {}
 
-    async def close_when_idle(self) -> None:
-        """Close once no fetch is in progress (after a reload replaced this cache)."""
-        while self._fetches or self._manifest_fetches:
-            await asyncio.sleep(1.0)
+    async def close_when_idle(self, timeout: float | None = None) -> None:
+        """Close once no fetch is in progress (they finish committing), or after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while (self._fetches or self._manifest_fetches) and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.1)
         await self.close()
 
     async def close(self) -> None:
@@ -495,12 +496,15 @@ class PullThrough:
             hashed = writer.digest(fetch.digest.algorithm)
             if hashed is not None and hashed != fetch.digest:
                 raise DigestInvalid(f"content digest {hashed} does not match {fetch.digest}")
-            await asyncio.to_thread(self.evict, fetch.written)  # make room first: the bound always holds
+            await asyncio.to_thread(self._make_room, fetch.digest, fetch.written)
             if hashed is not None:
                 fetch.verified()  # verified on the way in: clients need not wait for the commit's fsync
-            await asyncio.to_thread(writer.commit, fetch.digest)
+            try:
+                await asyncio.to_thread(writer.commit, fetch.digest)
+            except MirrorError:
+                self.index.forget(fetch.digest)
+                raise
             self.registry.metadata.link_blob(route.store, fetch.digest)
-            self.index.record(fetch.digest, fetch.written)
             error = None
         except UpstreamNotFound as exc:
             error = BlobUnknown(f"blob {fetch.digest} is not in upstream {route.registry}/{route.path}",
@@ -527,6 +531,11 @@ class PullThrough:
         return route.store
 
     # eviction
+    def _make_room(self, digest: Digest, size: int) -> None:
+        """Evict for, then count, a blob about to be committed: the bound holds whatever runs concurrently."""
+        self.evict(size)
+        self.index.record(digest, size)
+
     def evict(self, incoming: int = 0) -> int:
         """Evict least recently used cached blobs until they and ``incoming`` more bytes fit in
         ``max_cache_size``; return the bytes freed. Pinned and hosted blobs leave the index, not the store."""
@@ -616,6 +625,6 @@ def prefetch(config: Config, images: list[str], list_file: str | None = None) ->
         try:
             return await prefetch_images(appliance.cache, references, config.default_upstream or DOCKER_HUB)
         finally:
-            await appliance.cache.close()
+            await appliance.cache.close_when_idle()
 
     return 1 if asyncio.run(run()) else 0

@@ -180,7 +180,7 @@ class Service:
             log.warning("drain timed out with %d requests in flight", activity.count)
         await self.server.close_all_connections()
         await self.appliance.events.close()
-        await self.appliance.cache.close()
+        await self.appliance.cache.close_when_idle(DRAIN_SECONDS)
 
     def reload(self) -> None:
         """Re-read the config and serve new requests with it; on any error keep the running config."""

@@ -13,7 +13,7 @@ import pytest
 from mirror.digest import Digest
 from mirror.storage.pins import Pins
 from tests.images import build_image, build_index, push
-from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, write_hosts_toml
+from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, wait_until, write_hosts_toml
 
 USER, PASSWORD = "alice", "secret"
 
@@ -214,6 +214,8 @@ def test_eviction_keeps_the_cache_under_its_bound_and_pinned_content(tmp_path, h
             for blob in image.blobs:
                 assert client.get(f"/v2/ghcr.io/org/evict{n}/blobs/{blob.digest}").status_code == 200
         store = Path(mirror.workdir, "store/blobs")
+        last = images[-1].layers[0].digest  # delivered once verified; its commit may still be under way
+        wait_until(lambda: (store / "sha256" / last[7:9] / last[7:]).exists(), 30, "the last commit")
         cached = [blob for image in images for blob in image.blobs
                   if (store / "sha256" / blob.digest[7:9] / blob.digest[7:]).exists()]
         assert pinned in cached  # never evicted, and not counted against the bound
