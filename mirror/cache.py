@@ -54,6 +54,7 @@ from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.cache")
 NEGATIVE_TTL = 15.0
+NEGATIVE_ENTRIES = 10_000
 HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
 TOUCH_INTERVAL = 60.0
 FOREIGN_POLL = 0.01  # seconds between looks at a fetch another worker process is doing
@@ -429,7 +430,10 @@ class PullThrough:
         try:
             body, media_type, digest = await self._client(route).get_manifest(route.path, reference)
         except UpstreamNotFound as exc:
-            self._missing[(route.store, reference)] = time.time() + NEGATIVE_TTL
+            now = time.time()
+            if len(self._missing) > NEGATIVE_ENTRIES:  # forget expired entries: clients choose the keys
+                self._missing = {key: until for key, until in self._missing.items() if until > now}
+            self._missing[(route.store, reference)] = now + NEGATIVE_TTL
             raise ManifestUnknown(f"manifest {reference} is not in {route.registry}/{route.path}",
                                   detail={"name": route.store, "reference": reference[:200]}) from exc
         parsed = _lenient_parse(body, media_type, digest)
