@@ -113,7 +113,7 @@ class Collector:
             trashed = self._trash(candidates, started - self.grace)
             report.blobs = self._delete(trashed, self._mark_new(seen, report))
         report.kept = total - len(report.blobs)
-        report.uploads = self._expire_uploads(dry_run)
+        report.uploads = self.registry.expire_uploads(self.upload_expiry, dry_run)
         return report
 
     # mark
@@ -243,19 +243,6 @@ class Collector:
         for path in self.layout.trash.glob("*/*"):
             with contextlib.suppress(MirrorError):
                 self._restore(Digest.parse(f"{path.parent.name}:{path.name}"))
-
-    def _expire_uploads(self, dry_run: bool) -> dict[str, int]:
-        """Upload sessions idle longer than the expiry, removed unless ``dry_run``, with their sizes."""
-        cutoff = time.time() - self.upload_expiry
-        expired: dict[str, int] = {}
-        for session, mtime in list(self.blobs.sessions()):
-            if mtime >= cutoff:
-                continue
-            with contextlib.suppress(MirrorError):
-                expired[session] = self.blobs.session_size(session)
-                if not dry_run:
-                    self.blobs.writer(session).cancel()
-        return expired
 
 
 def _changed(path: os.PathLike[str]) -> float:

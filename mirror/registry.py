@@ -4,6 +4,7 @@ Handlers call this and nothing below it; the pull-through cache wraps it. No HTT
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from collections import OrderedDict
 from collections.abc import Callable
@@ -18,6 +19,7 @@ from mirror.errors import (
     DigestInvalid,
     ManifestBlobUnknown,
     ManifestUnknown,
+    MirrorError,
     NameUnknown,
     PaginationInvalid,
     RangeInvalid,
@@ -158,13 +160,17 @@ class Registry:
         self._check_session(name, session)
         self.blobs.writer(session).cancel()
 
-    def expire_uploads(self, max_age: float) -> int:
-        """Delete upload sessions idle longer than ``max_age`` seconds; return how many."""
-        cutoff, expired = time.time() - max_age, 0
+    def expire_uploads(self, max_age: float, dry_run: bool = False) -> dict[str, int]:
+        """Delete upload sessions idle longer than ``max_age`` seconds (unless ``dry_run``); return their sizes."""
+        cutoff = time.time() - max_age
+        expired: dict[str, int] = {}
         for session, mtime in list(self.blobs.sessions()):
-            if mtime < cutoff:
-                self.blobs.writer(session).cancel()
-                expired += 1
+            if mtime >= cutoff:
+                continue
+            with contextlib.suppress(MirrorError):  # finished or cancelled meanwhile
+                expired[session] = self.blobs.session_size(session)
+                if not dry_run:
+                    self.blobs.writer(session).cancel()
         return expired
 
     def _check_session(self, name: str, session: str) -> None:
