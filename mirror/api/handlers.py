@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import re
@@ -64,14 +65,18 @@ class BaseHandler(tornado.web.RequestHandler):
         """Every response names the API version."""
         self.set_header("Docker-Distribution-API-Version", "registry/2.0")
 
-    def prepare(self) -> None:
-        """Refuse encoded slashes and dot segments before any routing argument is trusted."""
+    async def prepare(self) -> None:
+        """Refuse encoded slashes and dot segments before any routing argument is trusted; check access."""
         raw_path = self.request.path.lower()
         if "%2f" in raw_path or "%5c" in raw_path or "/../" in raw_path or "/./" in raw_path:
             raise errors.NameInvalid("encoded slashes and dot segments are not allowed in paths")
         if self.auth is not None:
-            self.caller = self.auth.authorize(self.request.headers.get("Authorization"), self.request.method,
-                                              self.path_kwargs.get("name"), self.ns)
+            authorization = self.request.headers.get("Authorization")
+            check = functools.partial(self.auth.authorize, authorization, self.request.method,
+                                      self.path_kwargs.get("name"), self.ns)
+            # a password costs a bcrypt check, slow on purpose: keep guessers from stalling the event loop
+            basic = authorization is not None and authorization[:6].lower() == "basic "
+            self.caller = await asyncio.to_thread(check) if basic else check()
 
     def may_read(self, repository: str) -> bool:
         """Whether the caller may pull from store repository ``repository`` (anyone may, without auth)."""
@@ -271,13 +276,13 @@ class UploadHandler(BaseHandler):
     writer: FileBlobWriter | None = None
     failure: errors.MirrorError | None = None
 
-    def prepare(self) -> Any:
+    async def prepare(self) -> None:
         """Open or resume the upload session the request writes into.
 
         A refusal is kept until the body has been read: answering before that would reset the connection
         under a client still sending, and it would never see the error.
         """
-        super().prepare()
+        await super().prepare()
         name, session = self.path_kwargs["name"], self.path_kwargs.get("session")
         method = self.request.method
         if method in ("GET", "DELETE"):
@@ -398,11 +403,11 @@ class UploadHandler(BaseHandler):
 class ManifestHandler(BaseHandler):
     """``/v2/<name>/manifests/<reference>``: GET/HEAD (end-3), PUT (end-7), DELETE (end-9)."""
 
-    def prepare(self) -> None:
+    async def prepare(self) -> None:
         """Start collecting the body (an oversized one is read and dropped, then refused)."""
-        super().prepare()
         self.body_parts: list[bytes] = []
         self.body_size = 0
+        await super().prepare()
 
     def data_received(self, chunk: bytes) -> None:
         """Collect the manifest body up to the size limit."""
