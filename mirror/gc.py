@@ -6,7 +6,8 @@ are roots (plus pinned ones and ones linked within the grace period); live index
 live manifests their referrers, and every other manifest is removed from its repository.
 
 Sweep: a blob that is unmarked, not pinned (imported) and not recent is deleted, with the repository links to
-it; upload sessions idle longer than ``storage.upload_expiry`` go too. It is safe while ``mirror serve`` runs:
+it; upload sessions idle longer than ``storage.upload_expiry`` go too, and so do the staging stores of bundle
+imports nobody reran for that long. It is safe while ``mirror serve`` runs:
 
 - uploads and pull-through fetches live in ``uploads/<session>/`` until they commit: out of the sweep's reach;
 - "recent" means renamed into place or written, or linked into a repository (a cross-repository mount),
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -53,13 +55,14 @@ class Report:
     blobs: dict[Digest, int] = field(default_factory=dict)
     manifests: list[tuple[str, Digest]] = field(default_factory=list)
     uploads: dict[str, int] = field(default_factory=dict)
+    imports: dict[str, int] = field(default_factory=dict)
     kept: int = 0
     problems: list[str] = field(default_factory=list)
 
     @property
     def freed(self) -> int:
-        """Bytes of the removed blobs and uploads."""
-        return sum(self.blobs.values()) + sum(self.uploads.values())
+        """Bytes of the removed blobs, uploads and abandoned imports."""
+        return sum(self.blobs.values()) + sum(self.uploads.values()) + sum(self.imports.values())
 
     def lines(self) -> list[str]:
         """One line per removed item and problem, then the summary."""
@@ -69,6 +72,7 @@ class Report:
             *(f"gc: {verb} untagged manifest {name}@{digest}" for name, digest in self.manifests),
             *(f"gc: {verb} blob {digest} ({size} bytes)" for digest, size in self.blobs.items()),
             *(f"gc: {verb} expired upload {session} ({size} bytes)" for session, size in self.uploads.items()),
+            *(f"gc: {verb} abandoned import staging {key} ({size} bytes)" for key, size in self.imports.items()),
             f"gc: {'would free' if self.dry_run else 'freed'} {human(self.freed)}: {len(self.blobs)} blobs "
             f"({human(sum(self.blobs.values()))}), {len(self.manifests)} untagged manifests, "
             f"{len(self.uploads)} expired uploads ({human(sum(self.uploads.values()))}); "
@@ -114,7 +118,20 @@ class Collector:
             report.blobs = self._delete(trashed, self._mark_new(seen, report))
         report.kept = total - len(report.blobs)
         report.uploads = self.registry.expire_uploads(self.upload_expiry, dry_run)
+        report.imports = self._expire_imports(dry_run)
         return report
+
+    def _expire_imports(self, dry_run: bool) -> dict[str, int]:
+        """Staging stores of bundle imports untouched for ``upload_expiry`` (never rerun), with their sizes."""
+        cutoff, expired = time.time() - self.upload_expiry, {}
+        with contextlib.suppress(FileNotFoundError):
+            for folder in self.layout.imports.iterdir():
+                files = [path for path in folder.rglob("*") if path.is_file()]
+                if max(path.stat().st_mtime for path in [folder, *files]) < cutoff:
+                    expired[folder.name] = sum(path.stat().st_size for path in files)
+                    if not dry_run:
+                        shutil.rmtree(folder, ignore_errors=True)
+        return expired
 
     # mark
     def _mark(self, untagged: bool, dry_run: bool, report: Report) -> tuple[set[tuple[str, Digest]], set[Digest]]:

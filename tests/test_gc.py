@@ -160,6 +160,22 @@ def test_an_upload_in_progress_is_kept_and_an_expired_one_removed(registry):
     assert registry.finish_upload("team/up", writer, Digest.of(b"x" * 1000 + b"z"))
 
 
+def test_an_abandoned_import_staging_store_is_removed_and_a_recent_one_kept(registry):
+    layout = registry.blobs.layout
+    for key, age in (("a" * 32, 2 * HOUR), ("b" * 32, 0)):
+        folder = layout.import_staging(key)
+        (folder / "blobs").mkdir(parents=True)
+        (folder / "blobs" / "data").write_bytes(b"s" * 500)
+        for path in (folder / "blobs" / "data", folder / "blobs", folder):
+            os.utime(path, (time.time() - age, time.time() - age))
+
+    assert collector(registry, upload_expiry=HOUR).collect(dry_run=True).imports == {"a" * 32: 500}
+    report = collector(registry, upload_expiry=HOUR).collect()
+
+    assert report.imports == {"a" * 32: 500} and report.freed == 500
+    assert not layout.import_staging("a" * 32).exists() and layout.import_staging("b" * 32).exists()
+
+
 def test_index_children_stay_while_the_index_does(registry):
     index = build_index("multi")
     push(registry, "team/multi", "1", index)

@@ -72,6 +72,7 @@ class Layout:
         self.auth = self.state / "auth"
         self.events = self.state / "events"
         self.fetching = self.state / "fetching"
+        self.imports = self.state / "imports"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
@@ -129,7 +130,7 @@ class Layout:
         """The staging store root of the bundle import identified by ``key`` (hex)."""
         if not SESSION_PATTERN.fullmatch(key):
             raise StorageError(f"invalid import key {key[:100]!r}")
-        return self.state / "imports" / key
+        return self.imports / key
 
     def referrers(self, name: str, subject: Digest) -> Path:
         """The folder of referrer descriptors of ``subject`` in ``name``."""
