@@ -31,6 +31,7 @@ from mirror.digest import Digest
 from mirror.errors import ConfigError, MirrorError
 from mirror.registry import Registry
 from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage.filesystem import digests_in
 from mirror.storage.pins import Pins
 
 
@@ -257,9 +258,8 @@ class Collector:
 
     def _restore_all_trash(self) -> None:
         """Undo what a collection that died halfway left in the trash."""
-        for path in self.layout.trash.glob("*/*"):
-            with contextlib.suppress(MirrorError):
-                self._restore(Digest.parse(f"{path.parent.name}:{path.name}"))
+        for digest in list(digests_in(self.layout.trash)):
+            self._restore(digest)
 
 
 def _changed(path: os.PathLike[str]) -> float:

@@ -45,6 +45,15 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         raise storage_error(exc) from exc
 
 
+def digests_in(folder: Path) -> Iterator[Digest]:
+    """The digests named by the files ``folder/<alg>/<hex>`` (links, pins, trash); none if it is missing."""
+    for algorithm, length in HEX_LENGTHS.items():
+        with contextlib.suppress(OSError):
+            for entry in os.listdir(folder / algorithm):
+                if len(entry) == length:
+                    yield Digest(algorithm, entry)
+
+
 def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
     """A hasher fed with the whole content of ``path``."""
     hasher = Hasher(algorithm)

@@ -13,8 +13,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from mirror.digest import HEX_LENGTHS, Digest
-from mirror.storage.filesystem import write_atomic
+from mirror.digest import Digest
+from mirror.storage.filesystem import digests_in, write_atomic
 from mirror.storage.paths import NAME_PATTERN, TAG_PATTERN, Layout
 
 MARKERS = ("_manifests", "_blobs", "_tags")
@@ -70,7 +70,7 @@ class Metadata:
 
     def manifests(self, name: str) -> Iterator[Digest]:
         """Every manifest digest linked in ``name``."""
-        yield from _digests_in(self.layout.manifests(name))
+        yield from digests_in(self.layout.manifests(name))
 
     # tags
     def tag(self, name: str, tag: str, digest: Digest) -> None:
@@ -155,11 +155,3 @@ class Metadata:
             with contextlib.suppress(OSError, ValueError):
                 found.append(json.loads((folder / entry).read_bytes()))
         return found
-
-
-def _digests_in(folder: Path) -> Iterator[Digest]:
-    for algorithm, length in HEX_LENGTHS.items():
-        with contextlib.suppress(OSError):
-            for entry in os.listdir(folder / algorithm):
-                if len(entry) == length:
-                    yield Digest(algorithm, entry)

@@ -5,13 +5,11 @@ sharing the store agrees without a lock.
 """
 from __future__ import annotations
 
-import contextlib
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
-from mirror.digest import HEX_LENGTHS, Digest
-from mirror.storage.filesystem import write_atomic
+from mirror.digest import Digest
+from mirror.storage.filesystem import digests_in, write_atomic
 from mirror.storage.paths import Layout
 
 
@@ -33,8 +31,4 @@ class Pins:
 
     def all(self) -> Iterator[Digest]:
         """Every pinned digest."""
-        for algorithm, length in HEX_LENGTHS.items():
-            with contextlib.suppress(OSError):
-                for entry in os.listdir(self.layout.pins / algorithm):
-                    if len(entry) == length and not entry.startswith("."):
-                        yield Digest(algorithm, entry)
+        return digests_in(self.layout.pins)
