@@ -322,12 +322,16 @@ class AccessIndex:
 
     def total(self) -> int:
         """Bytes of all indexed blobs."""
-        return sum(self._index[key][0] for key in self._index)
+        return sum(size for _, size, _ in self._entries())
 
     def oldest_first(self) -> list[tuple[Digest, int]]:
         """Every indexed blob with its size, least recently used first."""
-        entries = [(key, *self._index[key]) for key in self._index]
-        return [(Digest.parse(key), size) for key, size, _ in sorted(entries, key=lambda entry: entry[2])]
+        return [(Digest.parse(key), size) for key, size, _ in sorted(self._entries(), key=lambda entry: entry[2])]
+
+    def _entries(self) -> list[tuple[str, int, float]]:
+        # another worker may forget a key between listing and reading it
+        entries = ((key, self._index.get(key)) for key in self._index)
+        return [(key, *entry) for key, entry in entries if entry is not None]
 
     def forget(self, digest: Digest) -> None:
         """Drop a blob from the index."""
@@ -468,18 +472,16 @@ class PullThrough:
             fetch = self._fetches.get(digest)
             if fetch is None:
                 claim = FetchClaim.take(layout, digest)
-                if claim is None:
-                    foreign = await ForeignFetch.join(layout, digest)
-                    if foreign is not None:
-                        return FetchFollower(foreign)
-                    if (size := self.registry.blobs.stat(digest)) is not None:
-                        self.registry.metadata.link_blob(route.store, digest)
-                        return StoredBlob(self.registry, digest, size, HIT)
-                    continue  # the other worker gave up: try to take over
-                if (size := self.registry.blobs.stat(digest)) is not None:  # committed while we looked
-                    claim.release()
+                foreign = await ForeignFetch.join(layout, digest) if claim is None else None
+                if foreign is not None:
+                    return FetchFollower(foreign)
+                if (size := self.registry.blobs.stat(digest)) is not None:  # another worker committed it meanwhile
+                    if claim is not None:
+                        claim.release()
                     self.registry.metadata.link_blob(route.store, digest)
                     return StoredBlob(self.registry, digest, size, HIT)
+                if claim is None:
+                    continue  # the other worker gave up: try to take over
                 fetch = self._fetches[digest] = Fetch(digest, layout.blob(digest))
                 asyncio.ensure_future(self._fetch_blob(route, fetch, claim))
             await fetch.started.wait()

@@ -148,7 +148,7 @@ class Service:
         self.dependencies = self.appliance.dependencies()
         app = make_app(self.dependencies, RequestLog(self.appliance.metrics).finished)
         self.server = HTTPServer(app, max_body_size=MAX_BODY, idle_connection_timeout=IDLE_SECONDS,
-                                                    ssl_options=ssl_context(config))
+                                 ssl_options=ssl_context(config))
         self.stopping = asyncio.Event()
 
     async def run(self, sockets: list[socket.socket]) -> None:
