@@ -180,11 +180,8 @@ def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
 
 
 def _build(raw: dict[str, Any], source: str) -> Config:
-    known = {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls", "auth",
-             "notifications"}
-    for key in raw:
-        if key not in known:
-            raise ConfigError(str(key), f"unknown key (known: {', '.join(sorted(known))})")
+    _known_keys(raw, "", {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls",
+                          "auth", "notifications"})
     listen = _listen(raw.get("listen", DEFAULT_LISTEN))
     storage = _storage(raw.get("storage") or {})
     if "upstreams" in raw:
@@ -216,6 +213,13 @@ def _build(raw: dict[str, Any], source: str) -> Config:
                   notifications=notifications)
 
 
+def _known_keys(raw: dict[str, Any], prefix: str, known: set[str]) -> None:
+    """Refuse a key of ``raw`` that is not in ``known``, naming it with its ``prefix``."""
+    for key in raw:
+        if key not in known:
+            raise ConfigError(f"{prefix}{key}", f"unknown key (known: {', '.join(sorted(known))})")
+
+
 def _listen(value: Any) -> str:
     host, sep, port = str(value).rpartition(":")
     if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
@@ -226,9 +230,7 @@ def _listen(value: Any) -> str:
 def _storage(raw: Any) -> Storage:
     if not isinstance(raw, dict):
         raise ConfigError("storage", "must be a mapping")
-    for key in raw:
-        if key not in {"root", "max_cache_size", "upload_expiry", "gc_grace"}:
-            raise ConfigError(f"storage.{key}", "unknown key")
+    _known_keys(raw, "storage.", {"root", "max_cache_size", "upload_expiry", "gc_grace"})
     root = raw.get("root", DEFAULT_ROOT)
     if not isinstance(root, str) or not root:
         raise ConfigError("storage.root", "must be a directory path")
@@ -257,9 +259,7 @@ def _auth(raw: Any) -> Auth | None:
         return None
     if not isinstance(raw, dict):
         raise ConfigError("auth", "must be a mapping with at least htpasswd")
-    allowed = {"htpasswd", "realm", "service", "token_ttl", "anonymous_pull", "groups", "access"}
-    for extra in set(raw) - allowed:
-        raise ConfigError(f"auth.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    _known_keys(raw, "auth.", {"htpasswd", "realm", "service", "token_ttl", "anonymous_pull", "groups", "access"})
     htpasswd = raw.get("htpasswd")
     if not isinstance(htpasswd, str) or not Path(htpasswd).is_file():
         raise ConfigError("auth.htpasswd", f"{htpasswd!r} is not a file")
@@ -292,8 +292,7 @@ def _access_rule(index: int, raw: Any) -> AccessRule:
     key = f"auth.access[{index}]"
     if not isinstance(raw, dict) or not isinstance(raw.get("repository"), str) or not raw["repository"]:
         raise ConfigError(key, "must be a mapping with repository (a glob) and read and/or write lists")
-    for extra in set(raw) - {"repository", "read", "write"}:
-        raise ConfigError(f"{key}.{extra}", "unknown key (known: read, repository, write)")
+    _known_keys(raw, f"{key}.", {"repository", "read", "write"})
     return AccessRule(raw["repository"], _principals(raw.get("read"), f"{key}.read"),
                       _principals(raw.get("write"), f"{key}.write"))
 
@@ -309,9 +308,7 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
     key = f"notifications[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with url")
-    allowed = {"url", "events", "headers", "timeout"}
-    for extra in set(raw) - allowed:
-        raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    _known_keys(raw, f"{key}.", {"url", "events", "headers", "timeout"})
     url = raw.get("url")
     parts = urlsplit(str(url or ""))
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -349,9 +346,7 @@ def _upstream(index: int, raw: Any) -> Upstream:
     key = f"upstreams[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with name and url")
-    allowed = {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout"}
-    for extra in set(raw) - allowed:
-        raise ConfigError(f"{key}.{extra}", f"unknown key (known: {', '.join(sorted(allowed))})")
+    _known_keys(raw, f"{key}.", {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout"})
     name, url = raw.get("name"), raw.get("url")
     if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name", "must be a registry host name such as docker.io")

@@ -348,7 +348,6 @@ class UploadHandler(BaseHandler):
         """Close the session: verify the digest and publish the blob."""
         self._finish_upload(name)
 
-
     def get(self, name: str, session: str) -> None:
         """Report how much of the upload has arrived."""
         size = self.registry.upload_size(name, session)
