@@ -70,6 +70,7 @@ class Plan:
     docker_rounds: int = 2
 
 
+GROUPS = ("cold", "fanout", "warm", "manifest", "memory", "docker", "bundle")  # of rows, for --only
 QUICK = Plan(big_layer=4 * MiB, layer=256 * 1024, rounds=1, seconds=1, bundle=16 * MiB, docker_rounds=1)
 
 
@@ -300,11 +301,13 @@ class Bench:
         self.layer = self.big.layers[0]
         self.layer_digest = self.layer.digest  # a property that hashes every time: compute it once
 
-    def run(self) -> list[Row]:
-        """Every row, in table order."""
+    def run(self, only: Sequence[str] = ()) -> list[Row]:
+        """Every row in table order, or those of the ``only`` groups (see ``GROUPS``)."""
         self.start_servers()
-        return [*self.cold_rows(), *self.fanout_rows(), *self.warm_blob_rows(), *self.manifest_rows(),
-                self.serving_memory_row(), *self.docker_rows(), *self.bundle_rows()]
+        groups = {"cold": self.cold_rows, "fanout": self.fanout_rows, "warm": self.warm_blob_rows,
+                  "manifest": self.manifest_rows, "memory": lambda: [self.serving_memory_row()],
+                  "docker": self.docker_rows, "bundle": self.bundle_rows}
+        return [row for name in GROUPS if not only or name in only for row in groups[name]()]
 
     def start(self, server: Any) -> Any:
         """Start ``server``, making sure it is stopped when the run ends however it ends."""
@@ -594,6 +597,14 @@ def report(rows: Sequence[Row], plan: Plan, started: datetime.datetime, load: tu
     print(f"\nwrote {output}")
 
 
+def row_groups(text: str) -> list[str]:
+    """The value of ``--only``: groups of rows named in ``GROUPS``, separated by commas."""
+    chosen = text.split(",")
+    if unknown := [name for name in chosen if name not in GROUPS]:
+        raise argparse.ArgumentTypeError(f"no group {', '.join(unknown)}; the groups are {', '.join(GROUPS)}")
+    return chosen
+
+
 def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     """The command line."""
     parser = argparse.ArgumentParser(prog="tools/bench", description=__doc__.splitlines()[0])
@@ -603,6 +614,8 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, help="alternated rounds per figure (default 3, quick 1)")
     parser.add_argument("--seconds", type=int, help="duration of each wrk measurement (default 5, quick 1)")
     parser.add_argument("--workers", type=int, help="the mirror's `workers` setting (default: its own default)")
+    parser.add_argument("--only", type=row_groups, default=(), metavar="GROUP[,GROUP]",
+                        help=f"measure only these groups of rows: {', '.join(GROUPS)}")
     parser.add_argument("--workdir", type=Path, help="where servers keep their stores and logs "
                         "(default: a temporary folder, deleted afterwards)")
     return parser.parse_args(argv)
@@ -630,7 +643,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.workdir is None:
             stack.callback(shutil.rmtree, workdir, ignore_errors=True)
         try:
-            rows = Bench(plan, workdir.resolve(), stack, args.workers, args.skip_docker).run()
+            rows = Bench(plan, workdir.resolve(), stack, args.workers, args.skip_docker).run(args.only)
         except (BenchError, PeerError) as exc:
             print(f"tools/bench: {exc}", file=sys.stderr)
             return 1
