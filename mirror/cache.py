@@ -6,9 +6,10 @@ the docker daemon's ``/v2/library/alpine`` (default upstream), containerd's ``?n
 prefix ``/v2/docker.io/library/alpine``.
 
 A missing blob is fetched once, however many clients want it: the first request starts a ``Fetch`` that
-writes the upstream's bytes into an upload session; every client (the first too) streams from that file as it
-grows. The last byte is held back until the digest is verified, so a corrupt transfer is never delivered
-whole, and nothing is committed to the store unless it verified.
+writes the upstream's bytes into an upload session; every client (the first too) streams them as they
+arrive, from memory until they are on disk, then from that file. The last byte is held back until the
+digest is verified, so a corrupt transfer is never delivered whole, and nothing is committed to the store
+unless it verified.
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import json
 import logging
 import os
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,7 +49,7 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.reference import DOCKER_HUB, Reference, normalise_registry, store_repository
 from mirror.registry import Registry, StoredManifest
-from mirror.storage.filesystem import CHUNK, write_atomic
+from mirror.storage.filesystem import CHUNK, BackgroundAppend, write_atomic
 from mirror.storage.paths import Layout
 from mirror.storage.pins import Pins
 from mirror.upstream import UpstreamClient
@@ -129,16 +131,22 @@ class StoredBlob:
 
 
 class Fetch:
-    """One upstream GET of a missing blob, written to an upload session and followed by every client."""
+    """One upstream GET of a missing blob, written to an upload session and followed by every client.
+
+    Bytes received but not yet on disk stay in memory, so clients are not held up by a disk slower than
+    the upstream; ``BackgroundAppend`` bounds how many.
+    """
 
     def __init__(self, digest: Digest, committed: Path):
         self.digest = digest
         self.committed = committed
         self.size: int | None = None
-        self.written = 0
+        self.available = 0  # bytes received
+        self.written = 0  # of which in the session file
         self.done = False
         self.error: MirrorError | None = None
         self.started = asyncio.Event()
+        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) received, not yet written
         self._progress = asyncio.Event()
         self._fd: int | None = None
 
@@ -146,13 +154,28 @@ class Fetch:
         """Start following the session file at ``path``."""
         self._fd = os.open(path, os.O_RDONLY)
 
-    def advance(self, count: int) -> None:
-        """Record ``count`` more bytes written and wake the followers."""
-        self.written += count
+    def receive(self, chunk: bytes) -> None:
+        """Hold the next ``chunk`` from upstream in memory until it is written, and wake the followers."""
+        self._unwritten.append((self.available, chunk))
+        self.available += len(chunk)
         self._wake()
 
+    def wrote(self, count: int) -> None:
+        """Record ``count`` more bytes written to the session file, and let go of them in memory."""
+        self.written += count
+        while self._unwritten and self._unwritten[0][0] + len(self._unwritten[0][1]) <= self.written:
+            self._unwritten.popleft()
+
+    def read(self, fd: int, position: int, size: int) -> bytes:
+        """Up to ``size`` received bytes from ``position``: from memory if not yet written, else from ``fd``."""
+        if position >= self.written:
+            for offset, chunk in self._unwritten:
+                if offset <= position < offset + len(chunk):
+                    return chunk[position - offset:position - offset + size]
+        return os.pread(fd, size, position)
+
     def verified(self) -> None:
-        """Release every byte: the digest checked out (the blob may still be being committed)."""
+        """Release every byte: the digest checked out (the blob may still be being written and committed)."""
         self.done = True
         self._wake()
 
@@ -231,7 +254,7 @@ class ForeignFetch:
 
     def __init__(self, layout: Layout, digest: Digest, fd: int, size: int | None):
         self.layout, self.digest, self.size = layout, digest, size
-        self.written, self.done, self.error = 0, False, None
+        self.available, self.done, self.error = 0, False, None
         self._fd = fd
         self._refresh()
 
@@ -252,6 +275,11 @@ class ForeignFetch:
         """The file descriptor to read from (handed over: the follower closes it)."""
         return self._fd
 
+    @staticmethod
+    def read(fd: int, position: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``position`` of the file the other worker writes."""
+        return os.pread(fd, size, position)
+
     async def progress(self) -> None:
         """Wait a moment and look again at how far the other worker got."""
         await asyncio.sleep(FOREIGN_POLL)
@@ -263,7 +291,7 @@ class ForeignFetch:
             committed = self.layout.blob(self.digest).exists()
             if not committed:
                 self.error = UpstreamUnavailable(f"the worker fetching {self.digest} gave up")
-        self.written = os.fstat(self._fd).st_size
+        self.available = os.fstat(self._fd).st_size
         self.done = committed  # committed, hence verified: the file we follow is the blob now
 
 
@@ -284,10 +312,10 @@ class FetchFollower:
         fd = fetch.reader()
         try:
             while end is None or position < end:
-                ready = fetch.written if fetch.done else fetch.written - 1
+                ready = self._releasable()
                 if position < ready:
                     limit = ready if end is None else min(ready, end)
-                    chunk = os.pread(fd, min(CHUNK, limit - position), position)
+                    chunk = fetch.read(fd, position, min(CHUNK, limit - position))
                     position += len(chunk)
                     yield chunk
                 elif fetch.error is not None:
@@ -298,6 +326,14 @@ class FetchFollower:
                     await fetch.progress()
         finally:
             os.close(fd)
+
+    def _releasable(self) -> int:
+        """How many bytes may be sent: all once verified, before that all but the blob's last byte (a size
+        known up front keeps that from splitting every chunk)."""
+        fetch = self.fetch
+        if fetch.done:
+            return fetch.available
+        return min(fetch.available, (fetch.available if fetch.size is None else fetch.size) - 1)
 
 
 class AccessIndex:
@@ -496,15 +532,19 @@ class PullThrough:
                 fetch.open(writer.path)
                 claim.publish(writer.id, stream.size)
                 fetch.started.set()
-                async for chunk in stream.aiter():
-                    writer.write(chunk)
-                    fetch.advance(len(chunk))
-            hashed = writer.digest(fetch.digest.algorithm)
-            if hashed is not None and hashed != fetch.digest:
-                raise DigestInvalid(f"content digest {hashed} does not match {fetch.digest}")
+                appending = BackgroundAppend(writer, fetch.wrote)
+                try:
+                    async for chunk in stream.aiter():
+                        fetch.receive(chunk)
+                        await appending.append(chunk)
+                    hashed = await appending.digest(fetch.digest.algorithm)
+                    if hashed is not None and hashed != fetch.digest:
+                        raise DigestInvalid(f"content digest {hashed} does not match {fetch.digest}")
+                    if hashed is not None:
+                        fetch.verified()  # clients need not wait for the disk, nor for the commit's fsync
+                finally:
+                    await appending.close()
             await asyncio.to_thread(self._make_room, fetch.digest, fetch.written)
-            if hashed is not None:
-                fetch.verified()  # verified on the way in: clients need not wait for the commit's fsync
             try:
                 await asyncio.to_thread(writer.commit, fetch.digest)
             except MirrorError:

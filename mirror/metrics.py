@@ -33,7 +33,7 @@ from prometheus_client.registry import Collector
 
 from mirror.storage.filesystem import FilesystemBlobStore
 from mirror.storage.pins import Pins
-from mirror.upstream.client import DEFAULT_LIMITS
+from mirror.upstream.client import upstream_transport
 
 access_log = logging.getLogger("mirror.access")
 STORE_STATS_SECONDS = 60.0
@@ -87,7 +87,7 @@ class Metrics:
 
     def transport(self, upstream: str) -> UpstreamTransport:
         """An HTTP transport for the clients of ``upstream`` that feeds the upstream metrics."""
-        return UpstreamTransport(self, upstream, httpx.AsyncHTTPTransport(limits=DEFAULT_LIMITS, trust_env=False))
+        return UpstreamTransport(self, upstream, upstream_transport())
 
     async def exposition(self) -> bytes:
         """The metrics in the Prometheus text format (the store walked first, in a thread, when stale)."""

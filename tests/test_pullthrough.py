@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import hashlib
+import subprocess
 import time
 from pathlib import Path
 
@@ -13,7 +14,7 @@ import pytest
 from mirror.digest import Digest
 from mirror.storage.pins import Pins
 from tests.images import build_image, build_index, push
-from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, wait_until, write_hosts_toml
+from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, require, wait_until, write_hosts_toml
 
 USER, PASSWORD = "alice", "secret"
 
@@ -176,6 +177,26 @@ def test_corrupt_upstream_bytes_are_never_delivered_whole_nor_cached(tmp_path, h
                 assert client.get(f"{mirror.url}/v2/").status_code == 200
     finally:
         data_file.write_bytes(original)
+
+
+def test_a_full_disk_aborts_the_fetch_and_the_store_stays_consistent(tmp_path, hub, ghcr):
+    mount = require("mount", root=True)
+    image = build_image("too-big", layers=1, layer_size=24 * 1024 * 1024)
+    push(ghcr.url, "org/too-big", "1", image)
+    layer, store = image.layers[0].digest, tmp_path / "small-disk"
+    store.mkdir()
+    subprocess.run([mount, "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(store)], check=True)
+    try:
+        with MirrorProcess(tmp_path / "mirror", mirror_config(hub, ghcr, root=str(store))) as mirror:
+            with pytest.raises(httpx.HTTPError), httpx.Client(timeout=30) as client:
+                client.get(f"{mirror.url}/v2/ghcr.io/org/too-big/blobs/{layer}").raise_for_status()
+            assert "no space left in the store" in mirror.log()
+            with httpx.Client(timeout=30) as client:
+                assert client.get(f"{mirror.url}/v2/ghcr.io/org/tool/manifests/2.0").status_code == 200
+            assert not (store / "blobs/sha256" / layer[7:9] / layer[7:]).exists()
+            wait_until(lambda: not any((store / "uploads").iterdir()), 10, "the failed fetch's session to go")
+    finally:
+        subprocess.run(["umount", str(store)], check=True)
 
 
 def test_head_and_range_on_uncached_blob(mirror, ghcr):

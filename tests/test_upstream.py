@@ -20,6 +20,7 @@ from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OC
 from mirror.upstream import UpstreamClient
 from mirror.upstream.auth import Challenge
 from mirror.upstream.status import retry_after
+from mirror.upstream.transport import READ_AHEAD, ThreadedTransport
 from tests.images import Image, basic_authorization, build_image, push
 from tests.peers import DistributionRegistry, TokenServer, free_port
 
@@ -106,7 +107,7 @@ def run(handler: Callable[[httpx.Request], Any] | None, action: Callable[[Upstre
         upstream: Upstream | None = None, clock: Clock | None = None) -> Any:
     """Run ``action`` on a client of ``upstream`` (over ``handler`` if given, else the network), close it."""
     async def main() -> Any:
-        transport = httpx.MockTransport(handler) if handler else None
+        transport = ThreadedTransport(httpx.MockTransport(handler), threads=4) if handler else None
         client = UpstreamClient(upstream or Upstream("registry.test", REGISTRY), transport,
                                 clock=clock or time.time)
         try:
@@ -169,7 +170,7 @@ def test_manifest_whose_body_contradicts_its_digest_header_is_invalid():
 @pytest.mark.parametrize("announced", [True, False])
 def test_oversized_manifest_is_invalid(announced):
     big = b"{" + b" " * (4 * 1024 * 1024) + b"}"
-    async def chunks():
+    def chunks():
         for start in range(0, len(big), 65536):
             yield big[start:start + 65536]
     def handler(request: httpx.Request) -> httpx.Response:
@@ -220,6 +221,22 @@ def test_blob_longer_than_announced_is_invalid():
         run(handler, read_blob)
 
 
+def test_a_body_closed_early_stops_being_read_ahead():
+    produced = []
+    def body():
+        for number in range(1000):
+            produced.append(number)
+            yield BLOB[:1000]
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, content=body(), headers={"Content-Length": str(1000 * 1000)})
+    async def action(client: UpstreamClient) -> bytes:
+        async with client.stream_blob("library/alpine", BLOB_DIGEST) as stream:
+            async for chunk in stream.aiter():
+                return chunk
+    assert run(handler, action) == BLOB[:1000]
+    assert len(produced) <= READ_AHEAD + 2
+
+
 # --- faults -------------------------------------------------------------------------------------------
 
 
@@ -234,7 +251,7 @@ def test_transport_failures_are_unavailable(exception):
 
 
 def test_timeout_while_streaming_a_blob_is_unavailable():
-    async def body():
+    def body():
         yield BLOB[:100]
         raise httpx.ReadTimeout("injected")
     def handler(request: httpx.Request) -> httpx.Response:

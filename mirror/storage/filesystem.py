@@ -5,12 +5,16 @@ Writers live in ``uploads/<session>/`` and can be resumed by any process that sh
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import errno
+import functools
 import os
 import shutil
 import uuid
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO
 
@@ -19,6 +23,7 @@ from mirror.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, Storage
 from mirror.storage.paths import Layout
 
 CHUNK = 1 << 20
+WRITE_BEHIND = 64 << 20  # bytes a background append may hold in memory before the disk has them
 
 
 def storage_error(exc: OSError) -> StorageError:
@@ -78,6 +83,16 @@ class FileBlobWriter:
 
     def write(self, data: bytes) -> None:
         """Append ``data``."""
+        self.append(data)
+        self.hash(data)
+
+    def hash(self, data: bytes) -> None:
+        """Feed the next ``data`` to the running hash (``append`` does not)."""
+        if self._hasher is not None:
+            self._hasher.update(data)
+
+    def append(self, data: bytes) -> None:
+        """Append ``data`` to the file without hashing it; ``hash`` it too, in the same order."""
         try:
             view = memoryview(data)
             while view:  # a raw file may take less than asked
@@ -85,8 +100,6 @@ class FileBlobWriter:
         except OSError as exc:
             raise storage_error(exc) from exc
         self.size += len(data)
-        if self._hasher is not None:
-            self._hasher.update(data)
 
     def close(self) -> None:
         """Flush and keep the session for a later request."""
@@ -134,6 +147,67 @@ class FileBlobWriter:
             self._file.close()
         self._store.forget(self.id)
         shutil.rmtree(self._folder, ignore_errors=True)
+
+
+class BackgroundAppend:
+    """Appends a stream to a writer on two threads, one writing the file and one hashing, so the event loop
+    receiving the stream only hands chunks over, and the stream need not wait for a slow disk.
+
+    At most ``WRITE_BEHIND`` bytes wait in memory for the threads; ``written(count)`` is called on the
+    loop as bytes land in the file.
+    """
+
+    def __init__(self, writer: FileBlobWriter, written: Callable[[int], None]):
+        self._writer, self._written = writer, written
+        self._loop = asyncio.get_running_loop()
+        self._writing = ThreadPoolExecutor(1, "blob-write")
+        self._hashing = ThreadPoolExecutor(1, "blob-hash")
+        self._queued: deque[tuple[int, asyncio.Future[None], asyncio.Future[None]]] = deque()
+        self._waiting = 0
+        self._failure: BaseException | None = None
+
+    async def append(self, chunk: bytes) -> None:
+        """Queue ``chunk``, first waiting while too many bytes are queued; raise a failed write's error."""
+        while self._waiting > WRITE_BEHIND:
+            await self._settle_oldest()
+        if self._failure is not None:
+            raise self._failure
+        landed = self._loop.run_in_executor(self._writing, self._writer.append, chunk)
+        landed.add_done_callback(functools.partial(self._landed, len(chunk)))
+        hashed = self._loop.run_in_executor(self._hashing, self._writer.hash, chunk)
+        self._queued.append((len(chunk), landed, hashed))
+        self._waiting += len(chunk)
+
+    async def digest(self, algorithm: str = "sha256") -> Digest | None:
+        """Once every queued chunk is hashed, what ``FileBlobWriter.digest`` says (writes may still go on)."""
+        if self._queued:
+            await self._queued[-1][2]  # one thread hashes in order: the last chunk is hashed last
+        return self._writer.digest(algorithm)
+
+    async def close(self) -> None:
+        """Wait until every queued chunk is written and hashed, and stop the threads; raise a write's error."""
+        try:
+            while self._queued:
+                await self._settle_oldest()
+        finally:
+            await asyncio.gather(*(future for _, *futures in self._queued for future in futures),
+                                 return_exceptions=True)
+            self._writing.shutdown()
+            self._hashing.shutdown()
+
+    async def _settle_oldest(self) -> None:
+        size, landed, hashed = self._queued[0]
+        try:
+            await asyncio.gather(landed, hashed)
+        finally:
+            self._queued.popleft()
+            self._waiting -= size
+
+    def _landed(self, size: int, future: asyncio.Future[None]) -> None:
+        if future.cancelled() or future.exception() is not None:
+            self._failure = self._failure or future.exception() or asyncio.CancelledError()
+        elif self._failure is None:
+            self._written(size)
 
 
 class FilesystemBlobStore:

@@ -15,7 +15,6 @@ import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-import httpcore
 import httpx
 
 from mirror.config import Upstream
@@ -24,9 +23,8 @@ from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamUnavailable
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
 from mirror.upstream.auth import RegistryAuth
 from mirror.upstream.status import detail, raise_for_status, translated
+from mirror.upstream.transport import ThreadedTransport
 
-# httpcore reads a response 64 KiB at a time; blobs stream twice as fast from upstream in 1 MiB reads.
-httpcore.AsyncHTTP11Connection.READ_NUM_BYTES = 1 << 20
 DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 USER_AGENT = "mirror-appliance/0.1"
@@ -65,6 +63,12 @@ class BlobStream:
             yield chunk
 
 
+def upstream_transport() -> ThreadedTransport:
+    """The transport of upstream requests: httpx's own, its network I/O on threads (see ``transport.py``)."""
+    inner = httpx.HTTPTransport(limits=DEFAULT_LIMITS, trust_env=False)
+    return ThreadedTransport(inner, threads=2 * DEFAULT_LIMITS.max_connections)  # requests, and bodies read
+
+
 class UpstreamClient:
     """Talks to one upstream registry; raises only UpstreamError subclasses (and DigestInvalid)."""
 
@@ -72,7 +76,7 @@ class UpstreamClient:
                  timeout: httpx.Timeout | None = None, clock: Callable[[], float] = time.time):
         self.upstream = upstream
         timeout = timeout or httpx.Timeout(upstream.timeout, connect=min(upstream.timeout, 5.0))
-        options = {"transport": transport, "timeout": timeout, "limits": DEFAULT_LIMITS, "trust_env": False,
+        options = {"transport": transport or upstream_transport(), "timeout": timeout, "trust_env": False,
                    "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
         self._token_http = httpx.AsyncClient(**options)
         self._http = httpx.AsyncClient(base_url=upstream.url, follow_redirects=True,
