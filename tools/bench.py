@@ -70,6 +70,7 @@ class Plan:
     docker_rounds: int = 2
 
 
+SETTLE_TIMEOUT, SETTLE_INTERVAL, IDLE_SHARE = 10.0, 0.2, 0.1  # idle: under 10% of a core for 0.2 s
 GROUPS = ("cold", "fanout", "warm", "manifest", "memory", "docker", "bundle")  # of rows, for --only
 QUICK = Plan(big_layer=4 * MiB, layer=256 * 1024, rounds=1, seconds=1, bundle=16 * MiB, docker_rounds=1)
 
@@ -212,6 +213,19 @@ def observe(pid: int, measure: Callable[[], float]) -> Sample:
     elapsed = time.perf_counter() - start
     return Sample(value, round((client_cpu_seconds() - client) / elapsed, 3),
                   round((cpu_seconds(pids) - server) / elapsed, 3))
+
+
+def settle(pids: Sequence[int], timeout: float = SETTLE_TIMEOUT) -> None:
+    """Wait until the process trees of ``pids`` use almost no CPU: a cache still storing what it just fetched
+    (Distribution's proxy stores a blob after its client got it; the mirror commits) must not slow the next
+    measurement down, whichever of the two it is."""
+    tree = [each for pid in pids for each in process_tree(pid)]
+    deadline, used = time.monotonic() + timeout, cpu_seconds(tree)
+    while time.monotonic() < deadline:
+        time.sleep(SETTLE_INTERVAL)
+        used, before = cpu_seconds(tree), used
+        if used - before <= SETTLE_INTERVAL * IDLE_SHARE:
+            return
 
 
 def memory_kib(pid: int) -> dict[str, int]:
@@ -374,9 +388,10 @@ class Bench:
 
     # URLs and client actions
 
-    @staticmethod
-    def timing(contender: Contender, action: Callable[[Contender], object]) -> Sample:
-        """Seconds ``action(contender)`` took, with the CPU the client and the contender used meanwhile."""
+    def timing(self, contender: Contender, action: Callable[[Contender], object]) -> Sample:
+        """Seconds ``action(contender)`` took, with the CPU the client and the contender used meanwhile,
+        measured once every server is idle."""
+        settle([self.upstream.pid, *(each.server.pid for each in (*self.hosted, *self.proxies))])
         return observe(contender.server.pid, lambda: timed(lambda: action(contender)))
 
     def blob_url(self, contender: Contender, blob: Blob | None = None) -> str:
