@@ -1,7 +1,8 @@
 """The HTTP client of one upstream registry: ping, manifests, streamed blobs; failures as typed errors.
 
-One pooled ``httpx.AsyncClient`` per upstream (plus one for its token realm). Repository names are the
-upstream's own (``library/alpine``); callers validate names and references, the client does not route.
+One pooled ``httpx.AsyncClient`` per upstream (plus one for its token realm), sharing a transport that
+does the network I/O on threads (``transport.py``). Repository names are the upstream's own
+(``library/alpine``); callers validate names and references, the client does not route.
 Bodies are asked for without content coding (``Accept-Encoding: identity``) and the bytes received are
 checked against ``Content-Length``: a short body is UpstreamUnavailable, a longer one UpstreamInvalid.
 Manifests are checked against their digest here; blob digests are the caller's to verify (the store's
