@@ -59,6 +59,7 @@ NEGATIVE_TTL = 15.0
 NEGATIVE_ENTRIES = 10_000
 HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
 TOUCH_INTERVAL = 60.0
+TOTAL_KEY = "total-bytes"  # in the access index, beside the digests (no digest looks like it)
 FOREIGN_POLL = 0.01  # seconds between looks at a fetch another worker process is doing
 
 
@@ -337,28 +338,40 @@ class FetchFollower:
 
 
 class AccessIndex:
-    """Sizes and last use of pull-through blobs, for least-recently-used eviction (diskcache, multi-process safe)."""
+    """Sizes and last use of pull-through blobs, for least-recently-used eviction (diskcache, multi-process safe).
+
+    The sum of the sizes is kept beside the entries and changed in the same transaction as they are, so
+    checking the cache's bound costs one read however many blobs are cached.
+    """
 
     def __init__(self, directory: Path):
         self._index = diskcache.Cache(str(directory))
         self._touched: dict[str, float] = {}
+        with self._index.transact():  # an index written before the sum was kept gets it once
+            if TOTAL_KEY not in self._index:
+                self._index.set(TOTAL_KEY, sum(size for _, size, _ in self._entries()))
 
     def record(self, digest: Digest, size: int) -> None:
         """Note a newly cached blob."""
-        self._index.set(str(digest), (size, time.time()))
+        key = str(digest)
+        with self._index.transact():
+            previous = self._index.get(key)
+            self._index.set(key, (size, time.time()))
+            self._index.incr(TOTAL_KEY, size - (previous[0] if previous else 0))
 
     def touch(self, digest: Digest) -> None:
         """Note that a cached blob was used (written at most once a minute per blob)."""
         key, now = str(digest), time.time()
         if now - self._touched.get(key, 0) > TOUCH_INTERVAL:
             self._touched[key] = now
-            entry = self._index.get(key)
-            if entry is not None:
-                self._index.set(key, (entry[0], now))
+            with self._index.transact():  # never brings back an entry another worker just forgot
+                entry = self._index.get(key)
+                if entry is not None:
+                    self._index.set(key, (entry[0], now))
 
     def total(self) -> int:
         """Bytes of all indexed blobs."""
-        return sum(size for _, size, _ in self._entries())
+        return self._index.get(TOTAL_KEY, 0)
 
     def oldest_first(self) -> list[tuple[Digest, int]]:
         """Every indexed blob with its size, least recently used first."""
@@ -366,12 +379,15 @@ class AccessIndex:
 
     def _entries(self) -> list[tuple[str, int, float]]:
         # another worker may forget a key between listing and reading it
-        entries = ((key, self._index.get(key)) for key in self._index)
+        entries = ((key, self._index.get(key)) for key in self._index if key != TOTAL_KEY)
         return [(key, *entry) for key, entry in entries if entry is not None]
 
     def forget(self, digest: Digest) -> None:
         """Drop a blob from the index."""
-        self._index.delete(str(digest))
+        with self._index.transact():
+            entry = self._index.pop(str(digest))
+            if entry is not None:
+                self._index.incr(TOTAL_KEY, -entry[0])
         self._touched.pop(str(digest), None)
 
     def close(self) -> None:
