@@ -204,8 +204,9 @@ class BackgroundAppend:
             self._waiting -= size
 
     def _landed(self, size: int, future: asyncio.Future[None]) -> None:
-        if future.cancelled() or future.exception() is not None:
-            self._failure = self._failure or future.exception() or asyncio.CancelledError()
+        failure = asyncio.CancelledError() if future.cancelled() else future.exception()
+        if failure is not None:
+            self._failure = self._failure or failure
         elif self._failure is None:
             self._written(size)
 
