@@ -37,6 +37,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import NameOID
 
+from tests.images import Index, write_oci_layout
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DOCKER_CLIENT = "/usr/bin/docker"  # the client matching dockerd 20.10; /usr/local/bin/docker may be newer
 _PROXY_VARIABLES = {"http_proxy", "https_proxy", "all_proxy", "no_proxy"}
@@ -693,6 +695,16 @@ class Skopeo:
         """``skopeo inspect`` over plain HTTP: the parsed JSON (the manifest itself if ``raw``)."""
         result = self.skopeo("inspect", "--tls-verify=false", *(["--raw"] if raw else []), *args, reference)
         return json.loads(result.stdout)
+
+    def round_trip(self, index: Index, reference: str, workdir: Path) -> Path:
+        """Push ``index`` from an OCI layout to ``reference`` and copy it back into a layout, checking that
+        the registry serves the manifest as pushed and the copy keeps its digest; return that layout."""
+        layout, back = write_oci_layout(workdir / "layout", {"v1": index}), workdir / "back"
+        self.copy(f"oci:{layout}:v1", reference)
+        assert self.inspect(reference, raw=True) == json.loads(index.manifest.data)
+        self.copy(reference, f"oci:{back}:v1")
+        assert json.loads((back / "index.json").read_text())["manifests"][0]["digest"] == index.digest
+        return back
 
 
 class MirrorProcess(PeerProcess):

@@ -7,7 +7,7 @@ import os
 import httpx
 import pytest
 
-from tests.images import OCI_MANIFEST, BearerAuth, build_image, build_index, push, write_oci_layout
+from tests.images import OCI_MANIFEST, BearerAuth, build_image, build_index, push
 from tests.peers import (
     DistributionRegistry,
     MirrorProcess,
@@ -57,14 +57,7 @@ def test_images_are_deterministic_and_valid():
 
 
 def test_skopeo_pushes_an_oci_layout_and_copies_it_back(registry, skopeo, tmp_path):
-    index = build_index(seed="skopeo", oci=True)
-    layout = write_oci_layout(tmp_path / "layout", {"v1": index})
-    reference = f"docker://{registry.host}/test/multi:v1"
-    skopeo.copy(f"oci:{layout}:v1", reference)
-    assert skopeo.inspect(reference, raw=True) == json.loads(index.manifest.data)
-    skopeo.copy(reference, f"oci:{tmp_path / 'back'}:v1")
-    copied = json.loads((tmp_path / "back" / "index.json").read_text())
-    assert copied["manifests"][0]["digest"] == index.digest
+    skopeo.round_trip(build_index(seed="skopeo", oci=True), f"docker://{registry.host}/test/multi:v1", tmp_path)
 
 
 def test_http_push_and_request_counting(registry):
