@@ -24,9 +24,10 @@ from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamUnavailable
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
 from mirror.upstream.auth import RegistryAuth
 from mirror.upstream.status import detail, raise_for_status, translated
-from mirror.upstream.transport import ThreadedTransport
+from mirror.upstream.transport import ThreadedTransport, Urllib3Transport
 
-DEFAULT_LIMITS = httpx.Limits(max_connections=64, max_keepalive_connections=16)
+MAX_REQUESTS = 64  # in flight to one upstream at once
+KEEPALIVE = 16  # idle connections kept per host
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 USER_AGENT = "mirror-appliance/0.1"
 _ACCEPT = {"Accept": MANIFEST_ACCEPT}
@@ -65,9 +66,8 @@ class BlobStream:
 
 
 def upstream_transport() -> ThreadedTransport:
-    """The transport of upstream requests: httpx's own, its network I/O on threads (see ``transport.py``)."""
-    inner = httpx.HTTPTransport(limits=DEFAULT_LIMITS, trust_env=False)
-    return ThreadedTransport(inner, threads=2 * DEFAULT_LIMITS.max_connections)  # requests, and bodies read
+    """The transport of upstream requests: urllib3, its network I/O on threads (see ``transport.py``)."""
+    return ThreadedTransport(Urllib3Transport(KEEPALIVE), threads=2 * MAX_REQUESTS)  # requests, and bodies read
 
 
 class UpstreamClient:
