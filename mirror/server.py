@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import signal
@@ -39,6 +40,7 @@ IDLE_SECONDS = 300.0
 SUPERVISE_SECONDS = 0.5
 TLS_HANDSHAKE = b"\x16"
 NOT_TLS = b"HTTP/1.0 400 Bad Request\r\n\r\nClient sent an HTTP request to an HTTPS server.\n"
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters
 
 
 class Activity:
@@ -270,9 +272,25 @@ class Supervisor:
                 os.kill(pid, signum)
 
 
+def keep_freed_chunks() -> None:
+    """Have glibc's allocator reuse the memory of freed blob chunks rather than map fresh pages for each.
+
+    Blobs stream as 1 MiB ``bytes``. glibc maps allocations that large with ``mmap`` and gives freed memory
+    at the top of its heap back to the kernel, with thresholds it adjusts as it goes; a cold pull-through,
+    whose chunks are freed on other threads, kept getting fresh pages faulted in, about 10% of its time.
+    Fixed thresholds keep the chunks on the heap, and at most 64 MiB of freed memory in the process.
+    Other C libraries have no ``mallopt``, and nothing is changed.
+    """
+    mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
+    if mallopt is not None:
+        mallopt(M_MMAP_THRESHOLD, 4 << 20)
+        mallopt(M_TRIM_THRESHOLD, 64 << 20)
+
+
 def serve(config: Config, config_path: str | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the server for ``config`` until stopped, in ``config.workers`` processes; return the exit status."""
     configure_logging(sys.stderr)
+    keep_freed_chunks()
     environ = environ or {}
     sockets = listen_sockets(config)
     notifier = systemd.Notifier.from_environ(environ)
