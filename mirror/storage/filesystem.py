@@ -8,14 +8,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
-import functools
 import os
 import shutil
+import threading
 import uuid
-from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from queue import SimpleQueue
 from typing import BinaryIO
 
 from mirror.digest import HEX_LENGTHS, Digest, Hasher
@@ -150,65 +149,95 @@ class FileBlobWriter:
 
 
 class BackgroundAppend:
-    """Appends a stream to a writer on two threads, one writing the file and one hashing, so the event loop
-    receiving the stream only hands chunks over, and the stream need not wait for a slow disk.
+    """Appends a stream to a writer on two threads of its own, one writing the file and one hashing, so the
+    event loop receiving the stream only hands chunks over, and the stream need not wait for a slow disk.
 
-    At most ``WRITE_BEHIND`` bytes wait in memory for the threads; ``written(count)`` is called on the
-    loop as bytes land in the file.
+    At most ``WRITE_BEHIND`` bytes wait in memory for either thread; ``written(count)`` is called on the
+    loop as bytes land in the file. A failed write is raised by the next ``append`` and by ``close``, and
+    nothing after it is written.
     """
 
     def __init__(self, writer: FileBlobWriter, written: Callable[[int], None]):
         self._writer, self._written = writer, written
-        self._loop = asyncio.get_running_loop()
-        self._writing = ThreadPoolExecutor(1, "blob-write")
-        self._hashing = ThreadPoolExecutor(1, "blob-hash")
-        self._queued: deque[tuple[int, asyncio.Future[None], asyncio.Future[None]]] = deque()
-        self._waiting = 0
+        self._queued = self._landed = self._hashed = 0  # bytes
         self._failure: BaseException | None = None
+        self._advanced = asyncio.Event()
+        self._writing = _ChunkThread("blob-write", writer.append, self._wrote)
+        self._hashing = _ChunkThread("blob-hash", writer.hash, self._hashed_chunk)
 
     async def append(self, chunk: bytes) -> None:
         """Queue ``chunk``, first waiting while too many bytes are queued; raise a failed write's error."""
-        while self._waiting > WRITE_BEHIND:
-            await self._settle_oldest()
+        while self._failure is None and self._queued - min(self._landed, self._hashed) > WRITE_BEHIND:
+            await self._advanced.wait()
         if self._failure is not None:
             raise self._failure
-        landed = self._loop.run_in_executor(self._writing, self._writer.append, chunk)
-        landed.add_done_callback(functools.partial(self._landed, len(chunk)))
-        hashed = self._loop.run_in_executor(self._hashing, self._writer.hash, chunk)
-        self._queued.append((len(chunk), landed, hashed))
-        self._waiting += len(chunk)
+        self._queued += len(chunk)
+        self._writing.put(chunk)
+        self._hashing.put(chunk)
 
     async def digest(self, algorithm: str = "sha256") -> Digest | None:
-        """Once every queued chunk is hashed, what ``FileBlobWriter.digest`` says (writes may still go on)."""
-        if self._queued:
-            await self._queued[-1][2]  # one thread hashes in order: the last chunk is hashed last
+        """Once every queued chunk is hashed, what ``FileBlobWriter.digest`` says (writes may still go on);
+        nothing more may be appended."""
+        await self._hashing.stop()
         return self._writer.digest(algorithm)
 
     async def close(self) -> None:
         """Wait until every queued chunk is written and hashed, and stop the threads; raise a write's error."""
-        try:
-            while self._queued:
-                await self._settle_oldest()
-        finally:
-            await asyncio.gather(*(future for _, *futures in self._queued for future in futures),
-                                 return_exceptions=True)
-            self._writing.shutdown()
-            self._hashing.shutdown()
+        await self._writing.stop()
+        await self._hashing.stop()
+        if self._failure is not None:
+            raise self._failure
 
-    async def _settle_oldest(self) -> None:
-        size, landed, hashed = self._queued[0]
-        try:
-            await asyncio.gather(landed, hashed)
-        finally:
-            self._queued.popleft()
-            self._waiting -= size
-
-    def _landed(self, size: int, future: asyncio.Future[None]) -> None:
-        failure = asyncio.CancelledError() if future.cancelled() else future.exception()
-        if failure is not None:
-            self._failure = self._failure or failure
-        elif self._failure is None:
+    def _wrote(self, size: int, failure: BaseException | None) -> None:
+        self._landed += size
+        if failure is None:
             self._written(size)
+        else:
+            self._failure = self._failure or failure
+        self._wake()
+
+    def _hashed_chunk(self, size: int, failure: BaseException | None) -> None:
+        self._hashed += size
+        self._failure = self._failure or failure
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._advanced = self._advanced, asyncio.Event()
+        event.set()
+
+
+class _ChunkThread:
+    """A thread that applies ``work`` to each chunk put to it, in order, and reports each one on the event
+    loop as ``report(size, failure)``; after a chunk failed, the rest are reported failed without work."""
+
+    def __init__(self, name: str, work: Callable[[bytes], None],
+                 report: Callable[[int, BaseException | None], None]):
+        self._work, self._report = work, report
+        self._loop = asyncio.get_running_loop()
+        self._chunks: SimpleQueue[bytes | None] = SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self._thread.start()
+
+    def put(self, chunk: bytes) -> None:
+        """Queue ``chunk``."""
+        self._chunks.put(chunk)
+
+    async def stop(self) -> None:
+        """Let the thread finish the queued chunks and end (again: return at once)."""
+        if self._thread.is_alive():
+            self._chunks.put(None)
+            await asyncio.to_thread(self._thread.join)
+
+    def _run(self) -> None:
+        failure: BaseException | None = None
+        for chunk in iter(self._chunks.get, None):
+            if failure is None:
+                try:
+                    self._work(chunk)
+                except BaseException as exc:  # noqa: BLE001 - reported on the loop, raised there
+                    failure = exc
+            with contextlib.suppress(RuntimeError):  # the loop is gone: the process is ending
+                self._loop.call_soon_threadsafe(self._report, len(chunk), failure)
 
 
 class FilesystemBlobStore:
