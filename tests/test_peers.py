@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import ssl
 
 import httpx
 import pytest
@@ -139,7 +140,7 @@ def test_dockerd_pulls_docker_hub_names_through_registry_mirrors(registry, docke
 def test_dockerd_checks_the_ca_of_a_tls_registry_named_0000(tmp_path, dockerd):
     certificate, key = write_self_signed_certificate(tmp_path / "tls")
     with DistributionRegistry(tmp_path / "registry", tls=(certificate, key)) as registry:
-        with httpx.Client(verify=str(certificate)) as client:
+        with httpx.Client(verify=ssl.create_default_context(cafile=certificate)) as client:
             push(registry.url, "test/tls", "v1", build_image(seed="tls"), client=client)
         reference = f"0.0.0.0:{registry.port}/test/tls:v1"
         refused = dockerd.docker("pull", reference, check=False)
