@@ -61,7 +61,7 @@ class Plan:
     big_layer: int = 256 * MiB  # the single-layer image
     layer: int = 8 * MiB  # each layer of the many-layer image
     layers: int = 10
-    rounds: int = 3  # alternated rounds per figure; the median is reported
+    rounds: int = 5  # alternated rounds per figure; the median is reported
     seconds: int = 5  # each wrk measurement
     fanout: int = 8  # concurrent cold clients of one blob
     serve_gets: int = 40  # GETs of the big blob for the memory figure: 10 GiB at 256 MiB
@@ -216,10 +216,13 @@ def observe(pid: int, measure: Callable[[], float]) -> Sample:
 
 
 def settle(pids: Sequence[int], timeout: float = SETTLE_TIMEOUT) -> None:
-    """Wait until the process trees of ``pids`` use almost no CPU: a cache still storing what it just fetched
-    (Distribution's proxy stores a blob after its client got it; the mirror commits) must not slow the next
-    measurement down, whichever of the two it is."""
+    """Wait until the process trees of ``pids`` use almost no CPU and the disk has nothing left to write: a
+    cache still storing what it just fetched (Distribution's proxy stores a blob after its client got it; the
+    mirror commits) must not slow the next measurement down, whichever of the two it is. Distribution does
+    not fsync, so without the ``sync`` the kernel would write its blobs back about 30 s later, during
+    whichever measurement runs then."""
     tree = [each for pid in pids for each in process_tree(pid)]
+    os.sync()
     deadline, used = time.monotonic() + timeout, cpu_seconds(tree)
     while time.monotonic() < deadline:
         time.sleep(SETTLE_INTERVAL)
@@ -419,6 +422,10 @@ class Bench:
                     f"({size_text(plan.layers * plan.layer)}), 4 blobs at a time", "s", "lower",
                     Target("ratio", "<=", 1.2))
         progress(f"{blob.figure}; {image.figure}")
+        self.restart_proxies()
+        for contender in self.proxies:  # a round not counted: the first one faults fresh memory in (on a VM, slowly)
+            self.get_big_blob(contender)
+            self.pull_multi(contender)
         for round_number in range(plan.rounds):
             self.restart_proxies()
             for row, fetch in ((blob, self.get_big_blob), (image, self.pull_multi)):
@@ -626,7 +633,7 @@ def arguments(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--quick", action="store_true", help="small sizes, one round: a smoke run")
     parser.add_argument("--skip-docker", action="store_true", help="leave out the docker pull rows")
     parser.add_argument("--output", type=Path, default=Path("bench-results.json"), help="the JSON file to write")
-    parser.add_argument("--rounds", type=int, help="alternated rounds per figure (default 3, quick 1)")
+    parser.add_argument("--rounds", type=int, help="alternated rounds per figure (default 5, quick 1)")
     parser.add_argument("--seconds", type=int, help="duration of each wrk measurement (default 5, quick 1)")
     parser.add_argument("--workers", type=int, help="the mirror's `workers` setting (default: its own default)")
     parser.add_argument("--only", type=row_groups, default=(), metavar="GROUP[,GROUP]",
