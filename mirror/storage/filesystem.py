@@ -22,7 +22,7 @@ from mirror.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, Storage
 from mirror.storage.paths import Layout
 
 CHUNK = 1 << 20
-WRITE_BEHIND = 64 << 20  # bytes a background append may hold in memory before the disk has them
+WRITE_BEHIND = 32 << 20  # bytes a background append may hold in memory before the disk has them
 
 
 def storage_error(exc: OSError) -> StorageError:

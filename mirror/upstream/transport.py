@@ -7,9 +7,9 @@ metrics, the client) stays asynchronous and unchanged: a request is sent on a th
 is read on one, a few chunks ahead of the loop.
 
 The synchronous transport is urllib3 rather than httpx's own (httpcore): urllib3 reads a body through the
-standard library's buffered socket reader, which copies each byte once, straight into the chunk handed on,
-where httpcore's HTTP parser copies it four times while holding the GIL. For a cold 256 MiB blob that is
-most of the difference between being behind the Distribution registry and level with it.
+standard library's buffered socket reader, which copies each byte once, from the kernel straight into the
+chunk handed on, where httpcore's parser (h11) copies it four more times while holding the GIL. For a cold
+256 MiB blob that was most of the difference between being behind the Distribution registry and level with it.
 """
 from __future__ import annotations
 
