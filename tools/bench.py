@@ -67,7 +67,7 @@ class Plan:
     serve_gets: int = 40  # GETs of the big blob for the memory figure: 10 GiB at 256 MiB
     serve_streams: int = 8
     bundle: int = 512 * MiB
-    docker_rounds: int = 2
+    docker_rounds: int = 3
 
 
 SETTLE_TIMEOUT, SETTLE_INTERVAL, IDLE_SHARE = 10.0, 0.2, 0.1  # idle: under 10% of a core for 0.2 s
