@@ -168,6 +168,7 @@ class BackgroundAppend:
     async def append(self, chunk: bytes) -> None:
         """Queue ``chunk``, first waiting while too many bytes are queued; raise a failed write's error."""
         while self._failure is None and self._queued - min(self._landed, self._hashed) > WRITE_BEHIND:
+            self._advanced.clear()  # only reports set it, and they run on this loop: none is missed
             await self._advanced.wait()
         if self._failure is not None:
             raise self._failure
@@ -194,16 +195,12 @@ class BackgroundAppend:
             self._written(size)
         else:
             self._failure = self._failure or failure
-        self._wake()
+        self._advanced.set()
 
     def _hashed_chunk(self, size: int, failure: BaseException | None) -> None:
         self._hashed += size
         self._failure = self._failure or failure
-        self._wake()
-
-    def _wake(self) -> None:
-        event, self._advanced = self._advanced, asyncio.Event()
-        event.set()
+        self._advanced.set()
 
 
 class _ChunkThread:
