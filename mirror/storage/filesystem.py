@@ -184,6 +184,8 @@ class BackgroundAppend:
 
     async def close(self) -> None:
         """Wait until every queued chunk is written and hashed, and stop the threads; raise a write's error."""
+        self._writing.finish()  # both before waiting: a close cancelled while waiting leaves no thread behind
+        self._hashing.finish()
         await self._writing.stop()
         await self._hashing.stop()
         if self._failure is not None:
@@ -212,6 +214,7 @@ class _ChunkThread:
         self._work, self._report = work, report
         self._loop = asyncio.get_running_loop()
         self._chunks: SimpleQueue[bytes | None] = SimpleQueue()
+        self._finished = False
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -219,11 +222,16 @@ class _ChunkThread:
         """Queue ``chunk``."""
         self._chunks.put(chunk)
 
-    async def stop(self) -> None:
-        """Let the thread finish the queued chunks and end (again: return at once)."""
-        if self._thread.is_alive():
+    def finish(self) -> None:
+        """Let the thread end once it has done the chunks queued so far; nothing more may be put."""
+        if not self._finished:
+            self._finished = True
             self._chunks.put(None)
-            await asyncio.to_thread(self._thread.join)
+
+    async def stop(self) -> None:
+        """``finish``, and wait until the thread has ended."""
+        self.finish()
+        await asyncio.to_thread(self._thread.join)
 
     def _run(self) -> None:
         failure: BaseException | None = None
