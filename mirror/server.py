@@ -277,7 +277,7 @@ def keep_freed_chunks() -> None:
 
     Blobs stream as 1 MiB ``bytes``. glibc maps allocations that large with ``mmap`` and gives freed memory
     at the top of its heap back to the kernel, with thresholds it adjusts as it goes; a cold pull-through,
-    whose chunks are freed on other threads, kept getting fresh pages faulted in, about 10% of its time.
+    whose chunks are freed on other threads, kept getting fresh pages faulted in, about 8% of its time.
     Fixed thresholds keep the chunks on the heap, and at most 64 MiB of freed memory in the process.
     Other C libraries have no ``mallopt``, and nothing is changed.
     """
