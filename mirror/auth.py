@@ -9,9 +9,10 @@ configured rules comes the default rule ``*``: every authenticated user reads an
 when ``anonymous_pull`` is true. A rule names users, groups, ``*`` (any authenticated user) and ``anonymous``
 (callers without credentials). ``write`` grants push and delete, and implies read.
 
-Rules are matched against the store repository a request reaches: a pull through the default upstream
-(``/v2/library/alpine``) may be served by the hosted repository of that name or by the upstream's
-(``docker.io/library/alpine``), so it needs read on both; with a path prefix or ``?ns=`` only the upstream's.
+Rules are matched against the store repositories of the repository a request resolved to
+(``repository.py``): a pull through the default upstream (``/v2/library/alpine``) may be served by the hosted
+repository of that name or by the upstream's (``docker.io/library/alpine``), so it needs read on both; with a
+path prefix or ``?ns=`` only the upstream's. Writes need write on the repository they land in.
 
 Tokens are JWTs signed with Ed25519 (``alg: EdDSA``) by a key generated on first start and kept in the store's
 state directory, so every worker process and every restart accepts them until they expire.
@@ -31,10 +32,10 @@ import secrets
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import bcrypt
 from cryptography.exceptions import InvalidSignature
@@ -56,7 +57,16 @@ BCRYPT_LIMIT = 72  # bcrypt reads only the first 72 bytes of a password; htpassw
 MAX_TOKEN = 8192
 CLOCK_SKEW = 30
 
-RepositoryMap = Callable[[str, str | None], Sequence[str]]
+
+
+class Target(Protocol):
+    """The store repositories a request's repository reads from and writes to (see ``repository.py``)."""
+
+    access_names: tuple[str, ...]
+    write_name: str
+
+
+Resolve = Callable[[str, str | None], Target]
 
 
 class Htpasswd:
@@ -201,21 +211,21 @@ class Tokens:
 class Auth:
     """The gatekeeper: identifies callers, decides what each may do to which repository, and issues tokens."""
 
-    def __init__(self, settings: config.Auth, users: Htpasswd, tokens: Tokens, repositories: RepositoryMap):
+    def __init__(self, settings: config.Auth, users: Htpasswd, tokens: Tokens, resolve: Resolve):
         self.settings = settings
         self.users = users
         self.rules = Rules(settings)
         self.tokens = tokens
-        self.repositories = repositories
+        self.resolve = resolve
 
     @classmethod
-    def from_config(cls, settings: config.Auth, state: Path, repositories: RepositoryMap) -> Auth:
+    def from_config(cls, settings: config.Auth, state: Path, resolve: Resolve) -> Auth:
         """Load the htpasswd file and the signing key kept in ``state`` (generated on first start).
 
-        ``repositories(name, ns)`` names the store repositories a pull of ``name`` may be served from.
+        ``resolve(name, ns)`` is the repository a request name means (token scopes name repositories).
         """
         tokens = Tokens(signing_key(state), settings.service, settings.token_ttl)
-        return cls(settings, Htpasswd.load(settings.htpasswd), tokens, repositories)
+        return cls(settings, Htpasswd.load(settings.htpasswd), tokens, resolve)
 
     # who is asking
     def identify(self, authorization: str | None) -> Caller:
@@ -244,29 +254,32 @@ class Auth:
         return Caller(user)
 
     # what they may do
-    def allowed(self, user: str | None, name: str, ns: str | None = None) -> frozenset[str]:
-        """The actions ``user`` may take on repository ``name`` (pulls must be allowed where they may land)."""
-        own = self.rules.actions(user, name)
-        readable = all(PULL in self.rules.actions(user, store) for store in self.repositories(name, ns))
+    def allowed(self, user: str | None, target: Target) -> frozenset[str]:
+        """The actions ``user`` may take on ``target``: writes where they land, pulls where they may be served."""
+        own = self.rules.actions(user, target.write_name)
+        readable = all(PULL in self.rules.actions(user, store) for store in target.access_names)
         return (own - READ) | (READ if readable else frozenset())
 
-    def may_read(self, caller: Caller, repository: str) -> bool:
-        """Whether ``caller`` may pull from the store repository ``repository`` (catalog, mount sources)."""
-        return PULL in self.rules.actions(caller.user, repository)
+    def may_read(self, caller: Caller, target: Target | str) -> bool:
+        """Whether ``caller`` may pull from ``target`` (a repository, or a store repository's name)."""
+        names = (target,) if isinstance(target, str) else target.access_names
+        return all(PULL in self.rules.actions(caller.user, name) for name in names)
 
-    def authorize(self, authorization: str | None, method: str, name: str | None, ns: str | None) -> Caller:
-        """The caller, if it may send ``method`` to repository ``name`` (None: ``/v2/`` or the catalog).
+    def authorize(self, authorization: str | None, method: str, name: str | None,
+                  target: Target | None) -> Caller:
+        """The caller, if it may send ``method`` to ``target``, the repository request name ``name`` resolved
+        to (None: ``/v2/`` or the catalog).
 
         Raise Unauthorized when it should log in (or get a token with more scope), Denied when it is
         authenticated and the rules refuse it.
         """
         caller = self.identify(authorization)
-        if name is None:
+        if name is None or target is None:
             if not authorization:
                 raise Unauthorized("authentication required")
             return caller
         action = METHOD_ACTIONS.get(method, PUSH)
-        if action not in self.allowed(caller.user, check_name(name), ns):
+        if action not in self.allowed(caller.user, target):
             if caller.user is None:
                 raise Unauthorized("authentication required", detail=_access_detail(name, action))
             raise Denied("requested access to the resource is denied", detail=_access_detail(name, action))
@@ -291,7 +304,7 @@ class Auth:
         if scope.type != "repository":
             return None
         try:
-            allowed = self.allowed(caller.user, check_name(scope.name))
+            allowed = self.allowed(caller.user, self.resolve(scope.name, None))
         except NameInvalid:
             return None
         wanted = WRITE if "*" in scope.actions else scope.actions

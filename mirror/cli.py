@@ -5,6 +5,7 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from mirror import config as config_module
 from mirror.errors import MirrorError
@@ -53,9 +54,23 @@ def _inventory(args: argparse.Namespace) -> int:
 
 
 def _prefetch(args: argparse.Namespace) -> int:
-    from mirror import cache
+    from mirror import prefetch
 
-    return cache.prefetch(_config(args), args.images, list_file=args.list)
+    texts = list(args.images)
+    if args.list:
+        lines = Path(args.list).read_text().splitlines()
+        texts += [line.strip() for line in lines if line.strip() and not line.lstrip().startswith("#")]
+    if not texts:
+        print("mirror prefetch: no images given", file=sys.stderr)
+        return 2
+
+    def report(result: prefetch.Prefetched) -> None:
+        if result.error is None:
+            print(f"prefetched {result.reference}: {result.blobs} blobs", flush=True)
+        else:
+            print(f"failed {result.text}: {result.error}", flush=True)
+
+    return 1 if prefetch.run(_config(args), texts, report) else 0
 
 
 def _gc(args: argparse.Namespace) -> int:

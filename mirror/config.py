@@ -15,10 +15,10 @@ from urllib.parse import urlsplit
 import yaml
 
 from mirror.errors import ConfigError
+from mirror.reference import DOCKER_HUB, normalise_registry
 
 DEFAULT_LISTEN = "0.0.0.0:5000"
 DEFAULT_ROOT = "mirror-data"
-DOCKER_HUB = "docker.io"
 DOCKER_HUB_URL = "https://registry-1.docker.io"
 
 # Environment variables that override one scalar key each (``MIRROR_CONFIG`` names the file itself).
@@ -149,7 +149,8 @@ class Config:
         return host.strip("[]"), int(port)
 
     def upstream(self, name: str) -> Upstream | None:
-        """The upstream called ``name``, if configured."""
+        """The upstream of registry ``name`` (any of its aliases), if configured."""
+        name = normalise_registry(name)
         return next((u for u in self.upstreams if u.name == name), None)
 
 
@@ -192,9 +193,11 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         default = raw.get("default_upstream", DOCKER_HUB)
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
-        raise ConfigError("upstreams", "two upstreams have the same name")
+        raise ConfigError("upstreams", "two upstreams name the same registry (docker.io, index.docker.io and "
+                                       "registry-1.docker.io are one)")
     if default is not None and (not isinstance(default, str) or not REGISTRY_NAME.fullmatch(default)):
         raise ConfigError("default_upstream", f"{default!r} is not a registry host name such as docker.io")
+    default = None if default is None else normalise_registry(default)
     workers = raw.get("workers", 1)
     try:
         workers = int(workers)
@@ -357,7 +360,7 @@ def _upstream(index: int, raw: Any) -> Upstream:
     if (username is None) != (password is None):
         raise ConfigError(f"{key}.password" if username else f"{key}.username", "username and password go together")
     return Upstream(
-        name=name,
+        name=normalise_registry(name),
         url=str(url).rstrip("/"),
         username=None if username is None else str(username),
         password=None if password is None else str(password),

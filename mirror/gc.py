@@ -26,11 +26,11 @@ import time
 from dataclasses import dataclass, field
 
 from mirror import manifest as manifests
+from mirror import storage
 from mirror.config import Config
 from mirror.digest import Digest
 from mirror.errors import ConfigError, MirrorError
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
 from mirror.storage.filesystem import digests_in
 from mirror.storage.pins import Pins
 
@@ -40,8 +40,8 @@ def run(config: Config, dry_run: bool = False, untagged: bool = False) -> int:
     root = config.storage.root
     if not root.is_dir():
         raise ConfigError("storage.root", f"{root} does not exist")
-    registry = Registry(FilesystemBlobStore(root), Metadata(root))
-    collector = Collector(registry, Pins(root), config.storage.gc_grace, config.storage.upload_expiry)
+    store = storage.open(root)
+    collector = Collector(Registry(store), store.pins, config.storage.gc_grace, config.storage.upload_expiry)
     report = collector.collect(dry_run=dry_run, untagged=untagged)
     for line in report.lines():
         print(line)

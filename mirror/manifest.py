@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from mirror.digest import Digest
-from mirror.errors import DigestInvalid, ManifestInvalid
+from mirror.errors import DigestInvalid, ManifestInvalid, UpstreamInvalid
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -92,6 +92,16 @@ def parse(body: bytes, content_type: str | None, algorithm: str = "sha256") -> M
     manifest = Manifest(body, content_type, Digest.of(body, algorithm), data)
     _check_descriptors(manifest)
     return manifest
+
+
+def parse_lenient(body: bytes, media_type: str, digest: Digest) -> Manifest:
+    """Parse an upstream's manifest; types this registry does not validate are kept as they are."""
+    try:
+        return parse(body, media_type, digest.algorithm)
+    except ManifestInvalid:
+        if media_type in MANIFEST_TYPES:
+            raise UpstreamInvalid(f"upstream sent an invalid {media_type} manifest") from None
+        return Manifest(body, media_type, digest, {})
 
 
 def _check_descriptors(manifest: Manifest) -> None:

@@ -31,8 +31,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mirror.storage.filesystem import FilesystemBlobStore
-from mirror.storage.pins import Pins
+from mirror import storage
 from mirror.upstream.client import upstream_transport
 
 access_log = logging.getLogger("mirror.access")
@@ -132,9 +131,9 @@ class StoreCollector(Collector):
 
 def walk_store(root: Path) -> StoreStats:
     """Count the blobs and pinned blobs under ``root`` and their bytes."""
-    store = FilesystemBlobStore(root)
-    sizes = [size for size in map(store.stat, store.iter()) if size is not None]
-    pinned = [size for size in map(store.stat, Pins(root).all()) if size is not None]
+    store = storage.open(root)
+    sizes = [size for size in map(store.blobs.stat, store.blobs.iter()) if size is not None]
+    pinned = [size for size in map(store.blobs.stat, store.pins.all()) if size is not None]
     return StoreStats(len(sizes), sum(sizes), len(pinned), sum(pinned))
 
 

@@ -1,6 +1,8 @@
-"""The hosted registry: every Distribution API operation over the blob store and repository metadata.
+"""Repository content in the store: every Distribution API operation on one store repository, by name.
 
-Handlers call this and nothing below it; the pull-through cache wraps it. No HTTP here.
+The repositories of ``repository.py`` (hosted, mirrored, the default route) are made of this; so are the
+commands that work on the store (gc, bundle import and export). Content is served from a repository only
+where it is linked there. No HTTP and no upstream here.
 """
 from __future__ import annotations
 
@@ -23,8 +25,9 @@ from mirror.errors import (
     NameUnknown,
     PaginationInvalid,
     RangeInvalid,
+    TagInvalid,
 )
-from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage import Store
 from mirror.storage.filesystem import FileBlobWriter
 from mirror.storage.paths import check_name, check_tag
 
@@ -39,6 +42,7 @@ class StoredManifest:
     media_type: str
     body: bytes
     origin: str = "hosted"  # or, from the pull-through cache, "hit" or "miss"
+    repository: str = ""  # the store repository that served it
 
 
 @dataclass(frozen=True)
@@ -91,20 +95,30 @@ class BodyCache:
 
 
 class Registry:
-    """Hosted repositories in one store: blobs, uploads, manifests, tags, referrers."""
+    """The repositories of one store: blobs, uploads, manifests, tags, referrers."""
 
-    def __init__(self, blobs: FilesystemBlobStore, metadata: Metadata):
-        self.blobs = blobs
-        self.metadata = metadata
+    def __init__(self, store: Store):
+        self.store = store
+        self.blobs = store.blobs
+        self.metadata = store.metadata
         self._bodies = BodyCache()
 
     # blobs
+    def linked_size(self, name: str, digest: Digest) -> int | None:
+        """The size of blob ``digest`` if ``name`` links it and its bytes are in the store, else None."""
+        return self.blobs.stat(digest) if self.metadata.has_blob(check_name(name), digest) else None
+
     def blob_size(self, name: str, digest: Digest) -> int:
         """The size of blob ``digest`` in ``name``; raise BlobUnknown when the repository lacks it."""
-        size = self.blobs.stat(digest) if self.metadata.has_blob(check_name(name), digest) else None
+        size = self.linked_size(name, digest)
         if size is None:
             raise BlobUnknown(f"blob {digest} is not in {name}", detail={"digest": str(digest)})
         return size
+
+    def link_pushed(self, name: str, digest: Digest) -> None:
+        """Link blob ``digest`` into ``name`` as pushed content: from now on it is never evicted."""
+        self.metadata.link_blob(name, digest)
+        self.store.access.forget(digest)
 
     def open_blob(self, name: str, digest: Digest, offset: int = 0) -> BinaryIO:
         """The blob's bytes from ``offset``."""
@@ -115,17 +129,6 @@ class Registry:
         """Stop serving ``digest`` in ``name`` (its bytes go at the next garbage collection)."""
         if not self.metadata.unlink_blob(check_name(name), digest):
             raise BlobUnknown(f"blob {digest} is not in {name}", detail={"digest": str(digest)})
-
-    def mount(self, name: str, source: str, digest: Digest) -> bool:
-        """Link ``digest`` from repository ``source`` into ``name``; return whether it could."""
-        try:
-            source = check_name(source)
-        except Exception:  # noqa: BLE001 - a bad ``from`` just means "cannot mount"
-            return False
-        if self.metadata.has_blob(source, digest) and self.blobs.stat(digest) is not None:
-            self.metadata.link_blob(check_name(name), digest)
-            return True
-        return False
 
     # uploads
     def start_upload(self, name: str) -> FileBlobWriter:
@@ -152,7 +155,7 @@ class Registry:
     def finish_upload(self, name: str, writer: FileBlobWriter, expected: Digest) -> Digest:
         """Commit ``writer`` as blob ``expected`` and link it into ``name``."""
         digest = writer.commit(expected)
-        self.metadata.link_blob(name, digest)
+        self.link_pushed(name, digest)
         return digest
 
     def cancel_upload(self, name: str, session: str) -> None:
@@ -182,15 +185,22 @@ class Registry:
     def get_manifest(self, name: str, reference: str) -> StoredManifest:
         """The manifest ``reference`` (tag or digest) names in ``name``, byte for byte as pushed."""
         check_name(name)
-        if Digest.is_digest(reference):
-            digest: Digest | None = Digest.parse(reference)
-        else:
-            digest = self.metadata.resolve_tag(name, check_tag(reference))
+        digest = self.resolve(name, reference)
         media_type = self.metadata.manifest_media_type(name, digest) if digest is not None else None
         if digest is None or media_type is None:
-            raise ManifestUnknown(f"manifest {reference} is not in {name}",
+            raise ManifestUnknown(f"manifest {reference[:200]} is not in {name}",
                                   detail={"name": name, "reference": reference[:200]})
-        return StoredManifest(digest, media_type, self.manifest_body(digest))
+        return StoredManifest(digest, media_type, self.manifest_body(digest), repository=name)
+
+    def resolve(self, name: str, reference: str) -> Digest | None:
+        """The digest ``reference`` names in ``name``: itself, or what the tag points at (None: no such tag;
+        a malformed tag names nothing, as the spec's manifest GET wants a 404 for it)."""
+        if Digest.is_digest(reference):
+            return Digest.parse(reference)
+        try:
+            return self.metadata.resolve_tag(name, check_tag(reference))
+        except TagInvalid:
+            return None
 
     def manifest_body(self, digest: Digest) -> bytes:
         """The bytes of manifest ``digest`` (kept in memory: content-addressed bytes never change)."""
@@ -203,21 +213,41 @@ class Registry:
             self._bodies.put(digest, body)
         return body
 
-    def put_manifest(self, name: str, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
-        """Validate and store a manifest, tag it when ``reference`` is a tag; return it parsed."""
-        check_name(name)
-        is_digest = Digest.is_digest(reference)
-        expected = Digest.parse(reference) if is_digest else None
-        if not is_digest:
+    @staticmethod
+    def parse_pushed(reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Validate a pushed manifest against ``reference`` (its tag, or the digest it must have)."""
+        expected = Digest.parse(reference) if Digest.is_digest(reference) else None
+        if expected is None:
             check_tag(reference)
         manifest = manifests.parse(body, content_type, expected.algorithm if expected else "sha256")
         if expected is not None and manifest.digest != expected:
             raise DigestInvalid(f"manifest digest {manifest.digest} does not match {expected}")
-        self._check_references(name, manifest)
-        self.store_manifest(name, manifest)
-        if not is_digest:
-            self.metadata.tag(name, reference, manifest.digest)
         return manifest
+
+    def missing_references(self, name: str, manifest: manifests.Manifest) -> tuple[list[Digest], list[Digest]]:
+        """The blobs (foreign layers aside) and the child manifests ``manifest`` lists that ``name`` lacks."""
+        blobs = [Digest.parse(d["digest"]) for d in manifest.blobs if not d.get("urls")]
+        children = [Digest.parse(d["digest"]) for d in manifest.children]
+        return ([d for d in blobs if self.linked_size(name, d) is None],
+                [d for d in children if self.metadata.manifest_media_type(name, d) is None])
+
+    def put_manifest(self, name: str, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Validate and store a pushed manifest whose references ``name`` all holds; return it parsed."""
+        manifest = self.parse_pushed(reference, body, content_type)
+        self.push_manifest(name, reference, manifest)
+        return manifest
+
+    def push_manifest(self, name: str, reference: str, manifest: manifests.Manifest) -> None:
+        """Store a pushed manifest whose references ``name`` all holds, and tag it when ``reference`` is a tag."""
+        blobs, children = self.missing_references(name, manifest)
+        for digest in blobs:
+            raise ManifestBlobUnknown(f"blob {digest} is not in {name}", detail={"digest": str(digest)})
+        for digest in children:
+            raise ManifestBlobUnknown(f"manifest {digest} is not in {name}", detail={"digest": str(digest)})
+        self.store_manifest(name, manifest)
+        self.store.access.forget(manifest.digest)
+        if not Digest.is_digest(reference):
+            self.metadata.tag(name, reference, manifest.digest)
 
     def store_manifest(self, name: str, manifest: manifests.Manifest) -> None:
         """Write a validated manifest's bytes and links (used by pushes, the cache and bundle imports)."""
@@ -228,18 +258,6 @@ class Registry:
         self.metadata.link_manifest(name, manifest.digest, manifest.media_type)
         if manifest.subject is not None:
             self.metadata.add_referrer(name, manifest.subject, manifest.digest, manifest.descriptor())
-
-    def _check_references(self, name: str, manifest: manifests.Manifest) -> None:
-        for descriptor in manifest.blobs:
-            digest = Digest.parse(descriptor["digest"])
-            if descriptor.get("urls"):
-                continue  # foreign layers live elsewhere by design
-            if not self.metadata.has_blob(name, digest) or self.blobs.stat(digest) is None:
-                raise ManifestBlobUnknown(f"blob {digest} is not in {name}", detail={"digest": str(digest)})
-        for descriptor in manifest.children:
-            digest = Digest.parse(descriptor["digest"])
-            if self.metadata.manifest_media_type(name, digest) is None:
-                raise ManifestBlobUnknown(f"manifest {digest} is not in {name}", detail={"digest": str(digest)})
 
     def delete_manifest(self, name: str, reference: str) -> None:
         """Delete a tag, or a manifest by digest together with the tags pointing at it."""
@@ -261,19 +279,17 @@ class Registry:
         self.metadata.unlink_manifest(name, digest)
 
     # listings
-    def tags(self, name: str, n: str | None, last: str | None) -> Page:
-        """One page of the tags of ``name``."""
+    def tags(self, name: str) -> list[str]:
+        """The tags of ``name``; raise NameUnknown when nothing was ever written to it."""
         if not self.metadata.exists(check_name(name)):
             raise NameUnknown(f"repository {name} is not known", detail={"name": name})
-        return paginate(self.metadata.tags(name), n, last)
+        return self.metadata.tags(name)
 
     def catalog(self, n: str | None, last: str | None, visible: Callable[[str], bool] = lambda name: True) -> Page:
-        """One page of the names of the repositories that ``visible`` accepts."""
-        return paginate([name for name in self.metadata.repositories() if visible(name)], n, last)
+        """One page of the names of the repositories holding a manifest that ``visible`` accepts."""
+        names = [name for name in self.metadata.repositories() if visible(name) and self.metadata.holds_manifest(name)]
+        return paginate(names, n, last)
 
-    def referrers(self, name: str, subject: Digest, artifact_type: str | None) -> dict[str, Any]:
-        """An OCI image index of the manifests referring to ``subject``, filtered by ``artifact_type``."""
-        descriptors = self.metadata.referrers(check_name(name), subject)
-        if artifact_type:
-            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
-        return {"schemaVersion": 2, "mediaType": manifests.OCI_INDEX, "manifests": descriptors}
+    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        """Descriptors of the manifests of ``name`` referring to ``subject``."""
+        return self.metadata.referrers(check_name(name), subject)

@@ -20,16 +20,16 @@ import tornado.ioloop
 import tornado.iostream
 import tornado.netutil
 
-from mirror import systemd, tls
+from mirror import storage, systemd, tls
 from mirror.api import make_app
 from mirror.auth import Auth
-from mirror.cache import PullThrough, Router
 from mirror.config import Config, load
 from mirror.errors import ConfigError, MirrorError
 from mirror.events import Events
+from mirror.fetch import Fetcher
 from mirror.metrics import Metrics, RequestLog, configure_logging
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.repository import Repositories
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.server")
@@ -70,7 +70,8 @@ class Appliance:
 
     config: Config
     registry: Registry
-    cache: PullThrough
+    fetcher: Fetcher
+    repositories: Repositories
     activity: Activity
     metrics: Metrics
     events: Events
@@ -78,21 +79,28 @@ class Appliance:
 
     def dependencies(self) -> dict[str, Any]:
         """What the request handlers are given."""
-        return {"registry": self.registry, "cache": self.cache, "activity": self.activity, "auth": self.auth,
-                "metrics": self.metrics, "events": self.events}
+        return {"registry": self.registry, "repositories": self.repositories, "activity": self.activity,
+                "auth": self.auth, "metrics": self.metrics, "events": self.events, "config": self.config}
+
+    async def close(self) -> None:
+        """Release the upstream connections and the store (at once: fetches in flight fail)."""
+        await self.fetcher.close()
+
+    async def close_when_idle(self, timeout: float | None = None) -> None:
+        """Release everything once no fetch is in flight (they finish committing), or after ``timeout``."""
+        await self.fetcher.close_when_idle(timeout)
 
 
 def build(config: Config, activity: Activity | None = None, metrics: Metrics | None = None) -> Appliance:
-    """Open the store and wire the registry and the pull-through cache for ``config``."""
-    root = config.storage.root
-    registry = Registry(FilesystemBlobStore(root), Metadata(root))
-    metrics = metrics or Metrics(root)
-    router = Router(config)
-    auth = None if config.auth is None else Auth.from_config(config.auth, registry.blobs.layout.auth,
-                                                             router.repositories)
-    cache = PullThrough(config, registry, router,
-                        lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)), metrics)
-    return Appliance(config, registry, cache, activity or Activity(), metrics, Events(config), auth)
+    """Open the store and wire the repositories and the upstream fetches for ``config``."""
+    store = storage.open(config.storage.root)
+    registry = Registry(store)
+    metrics = metrics or Metrics(config.storage.root)
+    fetcher = Fetcher(config, store, metrics,
+                      lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)))
+    repositories = Repositories(config, registry, fetcher)
+    auth = None if config.auth is None else Auth.from_config(config.auth, store.layout.auth, repositories.resolve)
+    return Appliance(config, registry, fetcher, repositories, activity or Activity(), metrics, Events(config), auth)
 
 
 def listen_sockets(config: Config) -> list[socket.socket]:
@@ -182,7 +190,7 @@ class Service:
             log.warning("drain timed out with %d requests in flight", activity.count)
         await self.server.close_all_connections()
         await self.appliance.events.close()
-        await self.appliance.cache.close_when_idle(DRAIN_SECONDS)
+        await self.appliance.close_when_idle(DRAIN_SECONDS)
 
     def reload(self) -> None:
         """Re-read the config and serve new requests with it; on any error keep the running config."""
@@ -202,7 +210,7 @@ class Service:
             previous, self.appliance = self.appliance, appliance
             self.dependencies.update(appliance.dependencies())
             self.server.ssl_options = context
-            asyncio.ensure_future(previous.cache.close_when_idle())
+            asyncio.ensure_future(previous.close_when_idle())
             appliance.events.start()
             asyncio.ensure_future(previous.events.close())
             log.info("reloaded config from %s", config.source)

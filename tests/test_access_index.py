@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import diskcache
 
-from mirror.cache import TOTAL_KEY, AccessIndex
 from mirror.digest import Digest
+from mirror.storage.access import TOTAL_KEY, AccessIndex
 
 A, B = Digest("sha256", "a" * 64), Digest("sha256", "b" * 64)
 

@@ -6,6 +6,7 @@ import json
 import signal
 import stat
 from pathlib import Path
+from types import SimpleNamespace
 
 import bcrypt
 import httpx
@@ -39,14 +40,21 @@ def settings(htpasswd: Path, **overrides: object) -> config.Auth:
     return config.Auth(**{"htpasswd": htpasswd, "groups": {"readers": ("bob",)}, "access": rules, **overrides})
 
 
-def hosted_only(name: str, ns: str | None) -> tuple[str, ...]:
-    return (name,)
+def hosted_only(name: str, ns: str | None) -> SimpleNamespace:
+    """A hosted repository's store names, as ``Repositories.resolve`` gives them without upstreams."""
+    return SimpleNamespace(access_names=(name,), write_name=name)
 
 
-def default_upstream(name: str, ns: str | None) -> tuple[str, ...]:
-    """Like the cache with docker.io as default upstream: unprefixed pulls may land hosted or upstream."""
+def default_upstream(name: str, ns: str | None) -> SimpleNamespace:
+    """Like the repositories with docker.io as default upstream: unprefixed pulls may land hosted or upstream."""
     store = name if name.startswith("docker.io/") else f"docker.io/{name}"
-    return (store,) if ns or name.startswith("docker.io/") else (name, store)
+    names = (store,) if ns or name.startswith("docker.io/") else (name, store)
+    return SimpleNamespace(access_names=names, write_name=names[0])
+
+
+def authorize(auth: Auth, authorization: str | None, method: str, name: str | None, ns: str | None) -> Caller:
+    """``auth.authorize`` of the repository ``name`` resolves to, as a handler asks it."""
+    return auth.authorize(authorization, method, name, None if name is None else auth.resolve(name, ns))
 
 
 @pytest.fixture
@@ -141,22 +149,22 @@ def test_signing_key_is_generated_once_private_and_reused(tmp_path):
 
 # decisions
 def test_authorize_answers_401_to_strangers_and_403_to_users_the_rules_refuse(auth):
-    assert auth.authorize(basic("alice"), "PUT", "private/app", None).user == "alice"
-    assert auth.authorize(basic("bob"), "GET", "private/app", None).user == "bob"
-    assert auth.authorize(None, "GET", "public/app", None).user is None
+    assert authorize(auth, basic("alice"), "PUT", "private/app", None).user == "alice"
+    assert authorize(auth, basic("bob"), "GET", "private/app", None).user == "bob"
+    assert authorize(auth, None, "GET", "public/app", None).user is None
     with pytest.raises(Denied):
-        auth.authorize(basic("bob"), "PUT", "private/app", None)
+        authorize(auth, basic("bob"), "PUT", "private/app", None)
     with pytest.raises(Denied):
-        auth.authorize(basic("carol"), "HEAD", "private/app", None)
+        authorize(auth, basic("carol"), "HEAD", "private/app", None)
     with pytest.raises(Unauthorized):
-        auth.authorize(None, "GET", "private/app", None)
+        authorize(auth, None, "GET", "private/app", None)
     with pytest.raises(Unauthorized):
-        auth.authorize(None, "POST", "public/app", None)
+        authorize(auth, None, "POST", "public/app", None)
     with pytest.raises(Unauthorized):
-        auth.authorize(basic("alice", "wrong"), "GET", "public/app", None)
+        authorize(auth, basic("alice", "wrong"), "GET", "public/app", None)
     with pytest.raises(Unauthorized):
-        auth.authorize(None, "GET", None, None)  # /v2/ and the catalog want credentials
-    assert auth.authorize(basic("carol"), "GET", None, None).user == "carol"
+        authorize(auth, None, "GET", None, None)  # /v2/ and the catalog want credentials
+    assert authorize(auth, basic("carol"), "GET", None, None).user == "carol"
 
 
 def test_bearer_tokens_grant_only_their_scope_and_only_what_the_rules_allow(auth):
@@ -167,11 +175,11 @@ def test_bearer_tokens_grant_only_their_scope_and_only_what_the_rules_allow(auth
     assert {(scope.name, tuple(sorted(scope.actions))) for scope in granted} == {
         ("private/app", ("pull",)), ("public/app", ("pull",)), ("catalog", ("*",))}
     bearer = f"Bearer {bob['token']}"
-    assert auth.authorize(bearer, "GET", "private/app", None).user == "bob"
+    assert authorize(auth, bearer, "GET", "private/app", None).user == "bob"
     with pytest.raises(Unauthorized):  # allowed by the rules, but not in the token: get a new token
-        auth.authorize(bearer, "GET", "team/app", None)
+        authorize(auth, bearer, "GET", "team/app", None)
     with pytest.raises(Denied):
-        auth.authorize(bearer, "PUT", "private/app", None)
+        authorize(auth, bearer, "PUT", "private/app", None)
     everything = auth.tokens.verify(auth.token(Caller("alice"), ["repository:private/app:*"])["token"])
     assert everything.granted[0].actions == {"pull", "push", "delete"}
     anonymous = auth.tokens.verify(auth.token(Caller(None), ["repository:private/app:pull"])["token"])
@@ -183,16 +191,16 @@ def test_tokens_of_users_removed_from_htpasswd_stop_working(auth, htpasswd, tmp_
     write_htpasswd(htpasswd, {"alice": "alice-secret"})
     reloaded = Auth.from_config(settings(htpasswd), tmp_path / "state", hosted_only)
     with pytest.raises(Unauthorized):
-        reloaded.authorize(f"Bearer {token}", "GET", "team/app", None)
+        authorize(reloaded, f"Bearer {token}", "GET", "team/app", None)
 
 
 def test_pulls_through_the_default_upstream_need_read_on_hosted_and_upstream_names(htpasswd, tmp_path):
     rules = (config.AccessRule("docker.io/*", ("anonymous",), ()), config.AccessRule("*", (), ()))
     auth = Auth.from_config(config.Auth(htpasswd, access=rules), tmp_path / "state", default_upstream)
-    assert auth.authorize(None, "GET", "library/alpine", "docker.io").user is None
-    assert auth.authorize(None, "GET", "docker.io/library/alpine", None).user is None
+    assert authorize(auth, None, "GET", "library/alpine", "docker.io").user is None
+    assert authorize(auth, None, "GET", "docker.io/library/alpine", None).user is None
     with pytest.raises(Unauthorized):  # may be served by a hosted library/alpine, which anonymous may not read
-        auth.authorize(None, "GET", "library/alpine", None)
+        authorize(auth, None, "GET", "library/alpine", None)
 
 
 def test_challenge_names_realm_service_and_scope(auth, htpasswd, tmp_path):

@@ -123,4 +123,4 @@ def test_server_still_serves_and_store_stays_inside_root(client, mirror_root):
     assert client.post("/v2/after/bad/blobs/uploads/", params={"digest": digest}, content=data).status_code == 201
     assert client.get(f"/v2/after/bad/blobs/{digest}").content == data
     top_level = {path.name for path in mirror_root.iterdir()}
-    assert top_level <= {"blobs", "uploads", "repositories", "state"}
+    assert top_level <= {"blobs", "uploads", "repositories", "state", "layout-version"}

@@ -15,13 +15,12 @@ import jsonschema
 import pytest
 import yaml
 
-from mirror import cli
+from mirror import cli, storage
 from mirror.bundle import format
 from mirror.bundle.progress import Progress
 from mirror.digest import Digest
 from mirror.reference import Reference
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
 from mirror.storage.pins import Pins
 from tests.images import Blob, Image, Index, build_image, build_index
 from tests.peers import free_port
@@ -31,7 +30,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def fill(root: Path, reference: str, artifact: Image | Index, extra_tags: dict[str, Blob] | None = None) -> None:
     """Store ``artifact`` under ``reference`` as the cache or an import would (repository ``<host>/<path>``)."""
-    registry = Registry(FilesystemBlobStore(root), Metadata(root))
+    registry = Registry(storage.open(root))
     ref = Reference.parse(reference)
     for blob in [*artifact.blobs, *(image.manifest for image in artifact.images), artifact.manifest]:
         writer = registry.blobs.writer()
@@ -116,7 +115,7 @@ def test_export_verify_import_round_trip(source, target, keys, tmp_path, capsys)
     assert "verified" in capsys.readouterr().out
 
     assert mirror("bundle", "import", "--config", target["config"], "--trust", keys["pub"], bundle) == 0
-    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    registry = Registry(storage.open(target["root"]))
     for reference, artifact in (("docker.io/library/alpine", source["alpine"]),
                                 ("ghcr.io/org/app", source["app"])):
         tag = "3.20" if "alpine" in reference else "1.0"
@@ -208,12 +207,12 @@ def test_one_flipped_byte_fails_verify_and_import_naming_the_blob(source, target
     assert mirror("bundle", "verify", bundle) == 1
     err = capsys.readouterr().err
     assert f"blob {layer}: digest mismatch" in err and err.count("problem:") == 1
-    target["root"].mkdir()
+    storage.open(target["root"])  # an empty store, as the import opens it
     before = snapshot(target["root"])
     assert mirror("bundle", "import", "--config", target["config"], bundle) == 1
     assert f"blob {layer}: digest mismatch" in capsys.readouterr().err
     assert snapshot(target["root"]) == before
-    assert not Metadata(target["root"]).repositories()
+    assert not storage.open(target["root"]).metadata.repositories()
 
 
 def test_truncated_bundle_and_missing_part_are_named(source, tmp_path, capsys):
@@ -237,12 +236,12 @@ def test_delta_carries_only_new_blobs_and_needs_its_base(source, target, tmp_pat
     assert mirror("bundle", "import", "--config", target["config"], delta) == 1
     err = capsys.readouterr().err
     assert "base" in err and source["alpine"].layers[0].digest in err
-    assert not Metadata(target["root"]).repositories()
+    assert not storage.open(target["root"]).metadata.repositories()
 
     assert mirror("bundle", "import", "--config", target["config"], first) == 0
     assert mirror("bundle", "verify", delta) == 0
     assert mirror("bundle", "import", "--config", target["config"], delta) == 0
-    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    registry = Registry(storage.open(target["root"]))
     assert registry.get_manifest("docker.io/library/alpine", "3.21").body == newer.manifest.data
     for blob in newer.blobs:
         assert registry.blob_size("docker.io/library/alpine", Digest.parse(blob.digest)) == blob.size
@@ -273,7 +272,8 @@ def test_split_parts_concatenate_to_the_bundle_and_import(source, target, tmp_pa
     assert mirror("bundle", "verify", split) == 0  # OUT.tar finds OUT.tar.000, .001, ...
     assert mirror("bundle", "verify", *parts[:-1]) == 1
     assert mirror("bundle", "import", "--config", target["config"], *parts) == 0
-    assert Metadata(target["root"]).resolve_tag("ghcr.io/org/app", "1.0") == Digest.parse(source["app"].digest)
+    tagged = storage.open(target["root"]).metadata.resolve_tag("ghcr.io/org/app", "1.0")
+    assert tagged == Digest.parse(source["app"].digest)
 
 
 def test_platform_filter_rewrites_the_index_and_says_what_it_dropped(source, target, tmp_path, capsys):
@@ -290,7 +290,7 @@ def test_platform_filter_rewrites_the_index_and_says_what_it_dropped(source, tar
     assert arm64.layers[0].digest in listed and amd64.layers[0].digest not in listed
     assert docker[0]["Config"].endswith(arm64.config.digest.removeprefix("sha256:"))
     assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
-    registry = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    registry = Registry(storage.open(target["root"]))
     index = json.loads(registry.get_manifest("ghcr.io/org/app", "1.0").body)
     assert [m["digest"] for m in index["manifests"]] == [arm64.digest]
 
@@ -306,7 +306,7 @@ def test_cosign_signature_and_oci_referrers_come_along(source, target, tmp_path)
         "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "artifactType": "application/spdx+json", "config": config.descriptor(),
         "layers": [signature_layer.descriptor()], "subject": alpine.manifest.descriptor()}).encode())
-    registry = Registry(FilesystemBlobStore(source["root"]), Metadata(source["root"]))
+    registry = Registry(storage.open(source["root"]))
     for blob in (signature_layer, config):
         writer = registry.blobs.writer()
         writer.write(blob.data)
@@ -317,10 +317,10 @@ def test_cosign_signature_and_oci_referrers_come_along(source, target, tmp_path)
 
     bundle = export(source, tmp_path / "out.tar", refs=("alpine:3.20",))
     assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
-    imported = Registry(FilesystemBlobStore(target["root"]), Metadata(target["root"]))
+    imported = Registry(storage.open(target["root"]))
     assert imported.get_manifest("docker.io/library/alpine", tag).body == cosign.data
-    referrers = imported.referrers("docker.io/library/alpine", Digest.parse(alpine.digest), None)
-    assert [m["digest"] for m in referrers["manifests"]] == [sbom.digest]
+    referrers = imported.referrers("docker.io/library/alpine", Digest.parse(alpine.digest))
+    assert [m["digest"] for m in referrers] == [sbom.digest]
 
 
 def test_inventory_is_a_base_for_a_delta(source, target, tmp_path):
@@ -366,16 +366,16 @@ def test_import_killed_halfway_resumes_without_rewriting_verified_blobs(tmp_path
     process.send_signal(signal.SIGKILL)
     process.wait()
     assert process.returncode == -signal.SIGKILL, f"the import ended before the kill: {process.stderr.read()!r}"
-    assert not Metadata(target).repositories()  # nothing was published, so nothing partial could be served
+    assert not storage.open(target).metadata.repositories()  # nothing was published, so nothing partial could be served
     assert not list((target / "blobs").glob("sha256/*/*"))
 
     rerun = subprocess.run(command, cwd=REPO_ROOT, env=environ, capture_output=True, text=True, check=True)
     written, skipped = (int(rerun.stdout.split(f" {word}")[0].split()[-1]) for word in ("blobs written", "already"))
     assert skipped >= 3 and written + skipped == len(big.blobs) + 1
-    store = FilesystemBlobStore(target)
+    store = storage.open(target).blobs
     for blob in (*big.blobs, big.manifest):
         assert store.read(Digest.parse(blob.digest)) == blob.data
-    assert Metadata(target).resolve_tag("example.com/big", "1") == Digest.parse(big.digest)
+    assert storage.open(target).metadata.resolve_tag("example.com/big", "1") == Digest.parse(big.digest)
 
 
 def test_bundle_json_matches_the_published_schema(source, tmp_path):
@@ -416,7 +416,7 @@ def test_images_file_and_fallback_to_the_store_when_the_upstream_is_down(source,
     bundle = tmp_path / "out.tar"
     assert mirror("bundle", "export", "--config", config, "--output", bundle, "--images", listed) == 0
     assert mirror("bundle", "import", "--config", target["config"], bundle) == 0
-    assert Metadata(target["root"]).resolve_tag("docker.io/library/alpine", "3.20") == Digest.parse(
+    assert storage.open(target["root"]).metadata.resolve_tag("docker.io/library/alpine", "3.20") == Digest.parse(
         source["alpine"].digest)
 
 

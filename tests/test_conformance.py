@@ -270,8 +270,12 @@ def test_tags_of_unknown_repository(client):
     assert response.status_code == 404 and error_codes(response) == ["NAME_UNKNOWN"]
 
 
-def test_catalog_lists_repositories(client, repo):
-    push_blob(client, repo, b"catalogued")
+def test_catalog_lists_repositories_that_hold_a_manifest(client, repo):
+    push_blob(client, f"{repo}-blob-only", b"not catalogued")
+    body = image_manifest(client, repo, layers=(b"catalogued",))
+    put_manifest(client, repo, "v1", body)
+    names = client.get("/v2/_catalog").json()["repositories"]
+    assert f"{repo}-blob-only" not in names
     names = client.get("/v2/_catalog").json()["repositories"]
     assert repo in names and names == sorted(names)
     page = client.get("/v2/_catalog", params={"n": 1})

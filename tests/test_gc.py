@@ -12,13 +12,11 @@ import httpx
 import pytest
 import yaml
 
-from mirror import gc
+from mirror import gc, storage
 from mirror.digest import Digest
 from mirror.errors import ManifestBlobUnknown
 from mirror.manifest import OCI_MANIFEST
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
-from mirror.storage.pins import Pins
 from tests.images import Blob, Image, Index, build_image, build_index, push_blob, put_manifest, write_oci_layout
 from tests.peers import REPO_ROOT, MirrorProcess
 
@@ -28,12 +26,12 @@ HOUR = 3600.0
 @pytest.fixture
 def registry(tmp_path) -> Registry:
     """A hosted registry over an empty store."""
-    return Registry(FilesystemBlobStore(tmp_path), Metadata(tmp_path))
+    return Registry(storage.open(tmp_path))
 
 
 def collector(registry: Registry, grace: float = 0.0, upload_expiry: float = 24 * HOUR) -> gc.Collector:
     """A collector of ``registry``'s store (no grace period unless given)."""
-    return gc.Collector(registry, Pins(registry.blobs.layout.root), grace, upload_expiry)
+    return gc.Collector(registry, registry.store.pins, grace, upload_expiry)
 
 
 def upload(registry: Registry, name: str, blob: Blob) -> None:
@@ -206,9 +204,9 @@ def test_untagged_removes_what_no_tag_reaches_but_keeps_referrers_of_kept_manife
     assert set(report.blobs) == digests(old.config, old.manifest) | old_signature
     assert_pullable(registry, "team/app", "latest", new)
     subject = Digest.parse(new.digest)
-    assert [r["digest"] for r in registry.referrers("team/app", subject, None)["manifests"]] == [
+    assert [r["digest"] for r in registry.referrers("team/app", subject)] == [
         new_signature.digest]
-    assert registry.referrers("team/app", Digest.parse(old.digest), None)["manifests"] == []
+    assert registry.referrers("team/app", Digest.parse(old.digest)) == []
 
 
 def test_untagged_keeps_recently_pushed_manifests(registry):
@@ -229,7 +227,7 @@ def test_pinned_blobs_are_kept(registry):
     image = build_image("pinned")
     push(registry, "team/pinned", "1", image)
     registry.delete_manifest("team/pinned", image.digest)
-    Pins(registry.blobs.layout.root).pin(Digest.parse(image.layers[0].digest))
+    registry.store.pins.pin(Digest.parse(image.layers[0].digest))
 
     report = collector(registry).collect()
 

@@ -23,11 +23,11 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from mirror import manifest as manifests  # noqa: E402
+from mirror import storage  # noqa: E402
 from mirror.bundle import export, importer  # noqa: E402
 from mirror.config import Config, Storage, parse_size  # noqa: E402
 from mirror.digest import Digest  # noqa: E402
 from mirror.registry import Registry  # noqa: E402
-from mirror.storage import FilesystemBlobStore, Metadata  # noqa: E402
 
 LAYER_SIZE = 64 * 1024 * 1024
 CHUNK = 1 << 20
@@ -35,7 +35,7 @@ CHUNK = 1 << 20
 
 def fill_store(root: Path, size: int) -> None:
     """A store holding ``bench.example/image:1``, an image of random layers adding up to ``size`` bytes."""
-    registry = Registry(FilesystemBlobStore(root), Metadata(root))
+    registry = Registry(storage.open(root))
     name, layers = "bench.example/image", []
     for start in range(0, size, LAYER_SIZE):
         writer, layer = registry.blobs.writer(), min(LAYER_SIZE, size - start)

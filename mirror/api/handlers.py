@@ -15,11 +15,12 @@ import tornado.web
 from mirror import errors
 from mirror.api import errcodes
 from mirror.auth import Auth, Caller
-from mirror.cache import BlobSource, PullThrough
 from mirror.digest import Digest
 from mirror.events import Content, Events
+from mirror.fetch import BlobSource
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
-from mirror.registry import Page, Registry
+from mirror.registry import Page, Registry, paginate
+from mirror.repository import Repositories, Repository
 from mirror.storage.filesystem import FileBlobWriter
 
 log = logging.getLogger("mirror.api")
@@ -28,19 +29,20 @@ _UPLOAD_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)")
 
 
 class BaseHandler(tornado.web.RequestHandler):
-    """Common headers, path checks and spec-shaped JSON errors for every route."""
+    """Common headers, path checks, the request's repository and spec-shaped JSON errors for every route."""
 
     registry: Registry
-    cache: PullThrough
+    repositories: Repositories
+    repository: Repository  # what the route's ``name`` resolved to (routes with a name only)
     bytes_sent = 0  # body bytes written, for the access log and metrics
     cache_result: str | None = None  # where the blob or manifest served came from: hosted, hit or miss
     error_message: str | None = None  # why the request failed, for the access log
 
-    def initialize(self, registry: Registry, cache: PullThrough, activity: Any = None, auth: Auth | None = None,
-                   events: Events | None = None, **_: Any) -> None:
+    def initialize(self, registry: Registry, repositories: Repositories, activity: Any = None,
+                   auth: Auth | None = None, events: Events | None = None, **_: Any) -> None:
         """Receive the application's dependencies and count this request as in flight."""
         self.registry = registry
-        self.cache = cache
+        self.repositories = repositories
         self.events = events
         self.auth = auth
         self.caller: Caller | None = None
@@ -66,20 +68,25 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("Docker-Distribution-API-Version", "registry/2.0")
 
     async def prepare(self) -> None:
-        """Refuse encoded slashes and dot segments before any routing argument is trusted; check access."""
+        """Refuse encoded slashes and dot segments before any routing argument is trusted; resolve the
+        repository the request names, once; check access to it."""
         raw_path = self.request.path.lower()
         if "%2f" in raw_path or "%5c" in raw_path or "/../" in raw_path or "/./" in raw_path:
             raise errors.NameInvalid("encoded slashes and dot segments are not allowed in paths")
+        name = self.path_kwargs.get("name")
+        if name is not None:
+            self.repository = self.repositories.resolve(name, self.ns)
         if self.auth is not None:
             authorization = self.request.headers.get("Authorization")
-            check = functools.partial(self.auth.authorize, authorization, self.request.method,
-                                      self.path_kwargs.get("name"), self.ns)
+            check = functools.partial(self.auth.authorize, authorization, self.request.method, name,
+                                      self.repository if name is not None else None)
             # a password costs a bcrypt check, slow on purpose: keep guessers from stalling the event loop
             basic = authorization is not None and authorization[:6].lower() == "basic "
             self.caller = await asyncio.to_thread(check) if basic else check()
 
-    def may_read(self, repository: str) -> bool:
-        """Whether the caller may pull from store repository ``repository`` (anyone may, without auth)."""
+    def may_read(self, repository: Repository | str) -> bool:
+        """Whether the caller may pull from ``repository`` (or a store repository's name); anyone may, without
+        auth."""
         return self.auth is None or self.auth.may_read(self.caller, repository)
 
     def challenge(self) -> str:
@@ -171,10 +178,10 @@ class CatalogHandler(BaseHandler):
 class TagsHandler(BaseHandler):
     """``/v2/<name>/tags/list`` (end-8a, end-8b)."""
 
-    def get(self, name: str) -> None:
+    async def get(self, name: str) -> None:
         """List one page of the repository's tags."""
         n, last = self.get_query_argument("n", None), self.get_query_argument("last", None)
-        page = self.registry.tags(self.cache.tags_repository(name, self.ns), n, last)
+        page = paginate(await self.repository.tags(), n, last)
         self.link_next(f"/v2/{name}/tags/list", page, n)
         self.write_json({"name": name, "tags": page.items})
 
@@ -182,13 +189,14 @@ class TagsHandler(BaseHandler):
 class ReferrersHandler(BaseHandler):
     """``/v2/<name>/referrers/<digest>`` (end-12a, end-12b)."""
 
-    def get(self, name: str, digest: str) -> None:
+    async def get(self, name: str, digest: str) -> None:
         """List the manifests whose subject is ``digest``, optionally filtered by artifactType."""
         artifact_type = self.get_query_argument("artifactType", None)
-        index = self.registry.referrers(name, Digest.parse(digest), artifact_type)
+        descriptors = await self.repository.referrers(Digest.parse(digest))
         if artifact_type:
+            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
             self.set_header("OCI-Filters-Applied", "artifactType")
-        self.write_json(index, OCI_INDEX)
+        self.write_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, OCI_INDEX)
 
 
 class BlobHandler(BaseHandler):
@@ -204,14 +212,13 @@ class BlobHandler(BaseHandler):
 
     def delete(self, name: str, digest: str) -> None:
         """Remove the blob from the repository."""
-        self.cache.check_writable(name, self.ns)
-        self.registry.delete_blob(name, Digest.parse(digest))
-        self.notify("delete", name, digest)
+        self.repository.delete_blob(Digest.parse(digest))
+        self.notify("delete", self.repository.write_name, digest)
         self.set_status(202)
         self.finish()
 
     async def _send(self, name: str, digest: Digest, body: bool) -> None:
-        source = await self.cache.blob(name, digest, self.ns)
+        source = await self.repository.blob(digest)
         self.cache_result = source.origin
         self.set_header("Docker-Content-Digest", str(digest))
         self.set_header("Accept-Ranges", "bytes")
@@ -283,17 +290,19 @@ class UploadHandler(BaseHandler):
         under a client still sending, and it would never see the error.
         """
         await super().prepare()
-        name, session = self.path_kwargs["name"], self.path_kwargs.get("session")
+        session = self.path_kwargs.get("session")
         method = self.request.method
         if method in ("GET", "DELETE"):
             return
         try:
-            self.cache.check_writable(name, self.ns)
-            if method == "POST" and self._opens_with_body():
-                self.writer = self.registry.start_upload(name)
-            elif method in ("PATCH", "PUT") and session:
-                self.writer = self.registry.resume_upload(name, session)
+            if method == "POST":
+                if self._opens_with_body():
+                    self.writer = self.repository.start_upload()
+            elif session:
+                self.writer = self.repository.resume_upload(session)
                 self.registry.check_chunk_start(self.writer, self._chunk_start())
+            else:
+                raise errors.BlobUploadUnknown("the path names no upload session")
         except errors.MirrorError as exc:
             self.writer, self.failure = None, exc
 
@@ -329,37 +338,55 @@ class UploadHandler(BaseHandler):
     async def post(self, name: str, session: None = None) -> None:
         """Mount, take a whole blob in one POST, or open a session."""
         self._raise_failure()
-        mount, source = self.get_query_argument("mount", None), self.get_query_argument("from", None)
-        if mount and source and self.may_read(source) and self.registry.mount(name, source, Digest.parse(mount)):
+        mount = self.get_query_argument("mount", None)
+        if mount and self._mountable(Digest.parse(mount)):
+            self.repository.mount(Digest.parse(mount))
             return self._created(name, Digest.parse(mount))
         if self.writer is not None:
             return self._finish_upload(name)
-        writer = self.registry.start_upload(name)
+        writer = self.repository.start_upload()
         writer.close()
         self._accepted(name, writer)
 
-    def patch(self, name: str, session: str) -> None:
+    def _mountable(self, digest: Digest) -> bool:
+        """Whether the ``from`` repository serves ``digest`` to this caller without asking an upstream."""
+        source_name = self.get_query_argument("from", None)
+        if not source_name:
+            return False
+        try:
+            source = self.repositories.resolve(source_name, self.ns)
+        except errors.NameInvalid:
+            return False
+        return self.may_read(source) and source.linked_size(digest) is not None
+
+    def patch(self, name: str, session: str | None = None) -> None:
         """Acknowledge an appended chunk."""
         self._raise_failure()
         self.writer.close()
         self._accepted(name, self.writer)
 
-    def put(self, name: str, session: str) -> None:
+    def put(self, name: str, session: str | None = None) -> None:
         """Close the session: verify the digest and publish the blob."""
         self._finish_upload(name)
 
-    def get(self, name: str, session: str) -> None:
+    def get(self, name: str, session: str | None = None) -> None:
         """Report how much of the upload has arrived."""
-        size = self.registry.upload_size(name, session)
+        size = self.repository.upload_size(self._session(session))
         self._session_headers(name, session, size)
         self.set_status(204)
         self.finish()
 
-    def delete(self, name: str, session: str) -> None:
+    def delete(self, name: str, session: str | None = None) -> None:
         """Cancel the upload."""
-        self.registry.cancel_upload(name, session)
+        self.repository.cancel_upload(self._session(session))
         self.set_status(204)
         self.finish()
+
+    @staticmethod
+    def _session(session: str | None) -> str:
+        if not session:
+            raise errors.BlobUploadUnknown("the path names no upload session")
+        return session
 
     def _finish_upload(self, name: str) -> None:
         self._raise_failure()
@@ -367,7 +394,7 @@ class UploadHandler(BaseHandler):
         try:
             if digest_text is None:
                 raise errors.DigestInvalid("the digest query parameter is required to complete an upload")
-            digest = self.registry.finish_upload(name, self.writer, Digest.parse(digest_text))
+            digest = self.repository.finish_upload(self.writer, Digest.parse(digest_text))
         except errors.DigestInvalid:
             self.writer.cancel()
             raise
@@ -423,24 +450,23 @@ class ManifestHandler(BaseHandler):
         await self._send(name, reference, body=False)
 
     async def _send(self, name: str, reference: str, body: bool) -> None:
-        manifest = await self.cache.manifest(name, reference, self.ns)
+        manifest = await self.repository.manifest(reference)
         self.cache_result = manifest.origin
         if body:
-            self.notify("pull", name, reference, manifest)
+            self.notify("pull", manifest.repository, reference, manifest)
         self.set_header("Content-Type", manifest.media_type)
         self.set_header("Docker-Content-Digest", str(manifest.digest))
         self.set_header("ETag", f'"{manifest.digest}"')
         self.set_header("Content-Length", str(len(manifest.body)))
         self.finish(manifest.body if body else None)
 
-    def put(self, name: str, reference: str) -> None:
+    async def put(self, name: str, reference: str) -> None:
         """Store a manifest under a tag or its digest."""
-        self.cache.check_writable(name, self.ns)
         if self.body_size > MAX_MANIFEST_SIZE:
             raise errors.ManifestTooLarge(f"manifest is over the {MAX_MANIFEST_SIZE} byte limit")
-        manifest = self.registry.put_manifest(name, reference, b"".join(self.body_parts),
-                                              self.request.headers.get("Content-Type"))
-        self.notify("push", name, reference, manifest)
+        manifest = await self.repository.put_manifest(reference, b"".join(self.body_parts),
+                                                      self.request.headers.get("Content-Type"))
+        self.notify("push", self.repository.write_name, reference, manifest)
         self.set_status(201)
         self.set_header("Location", f"/v2/{name}/manifests/{manifest.digest}")
         self.set_header("Docker-Content-Digest", str(manifest.digest))
@@ -451,9 +477,8 @@ class ManifestHandler(BaseHandler):
 
     def delete(self, name: str, reference: str) -> None:
         """Delete a tag, or a manifest by digest."""
-        self.cache.check_writable(name, self.ns)
-        self.registry.delete_manifest(name, reference)
-        self.notify("delete", name, reference)
+        self.repository.delete_manifest(reference)
+        self.notify("delete", self.repository.write_name, reference)
         self.set_status(202)
         self.finish()
 

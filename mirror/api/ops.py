@@ -9,16 +9,17 @@ import asyncio
 from typing import Any
 
 from mirror.api.handlers import BaseHandler
+from mirror.config import Config
 from mirror.metrics import Metrics, ready_problem
 
 
 class OpsHandler(BaseHandler):
     """An operations endpoint: no access check."""
 
-    def initialize(self, metrics: Metrics, **dependencies: Any) -> None:
-        """Receive the metrics besides the registry's dependencies."""
+    def initialize(self, metrics: Metrics, config: Config, **dependencies: Any) -> None:
+        """Receive the metrics and the config besides the registry's dependencies."""
         super().initialize(**dependencies)
-        self.metrics = metrics
+        self.metrics, self.config = metrics, config
 
     def prepare(self) -> None:
         """Anyone may ask."""
@@ -50,8 +51,8 @@ class ReadyHandler(OpsHandler):
 
     async def get(self) -> None:
         """Check that a file can be created and removed under ``state/``."""
-        problem = await asyncio.to_thread(ready_problem, self.registry.blobs.layout.state)
+        problem = await asyncio.to_thread(ready_problem, self.registry.store.layout.state)
         if problem is not None:
             self.set_status(503)
         self.write_json({"status": "ready" if problem is None else "unready", "reason": problem,
-                         "config": self.cache.config.source})
+                         "config": self.config.source})

@@ -46,21 +46,22 @@ def run(config: Config, output: str, refs: Sequence[str] = (), images_file: str 
         sign_key: str | None = None, platforms: Sequence[str] = (), base: str | None = None,
         split: int | None = None) -> int:
     """Export ``refs`` (and those listed in ``images_file``) into ``output``; return the exit status."""
-    references = [Reference.parse(text) for text in [*_listed(images_file), *refs]]
-    if not references:
+    texts = [*_listed(images_file), *refs]
+    if not texts:
         print("mirror: nothing to export: give REF arguments or --images LIST.yaml", file=sys.stderr)
         return 2
     key = signing.load_private_key(sign_key) if sign_key else None
     base_info, known = read_base(base) if base else (None, set())
     wanted = [_platform(text) for text in platforms]
-    return asyncio.run(_export(config, Path(output), references, key, wanted, base_info, known, split))
+    return asyncio.run(_export(config, Path(output), texts, key, wanted, base_info, known, split))
 
 
-async def _export(config: Config, output: Path, references: list[Reference], key: Any,
+async def _export(config: Config, output: Path, texts: list[str], key: Any,
                   platforms: list[tuple[str, ...]], base: Base | None, known: set[Digest],
                   split: int | None) -> int:
     sources = Sources(config)
     try:
+        references = [sources.resolve(text) for text in texts]
         plan = Plan()
         for ref in references:
             await _resolve(sources, plan, ref, platforms)

@@ -20,6 +20,7 @@ from collections.abc import Sequence
 from typing import BinaryIO
 
 from mirror import manifest as manifests
+from mirror import storage
 from mirror.bundle import format, signing, verify
 from mirror.bundle.archive import BundleArchive
 from mirror.bundle.format import BlobEntry, Bundle, ImageEntry
@@ -30,7 +31,7 @@ from mirror.errors import BundleError, BundleInvalid, DigestInvalid
 from mirror.events import Events
 from mirror.reference import Reference
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
+from mirror.storage.filesystem import FilesystemBlobStore
 from mirror.storage.pins import Pins
 
 
@@ -61,13 +62,14 @@ class Importer:
 
     def run(self, archive: BundleArchive) -> None:
         """Check the base, stage and verify every blob, move them into the store, publish the images."""
-        store = FilesystemBlobStore(self.root) if self.root.is_dir() else None
+        opened = storage.open(self.root) if storage.exists(self.root) else None
         missing = [blob for blob in self.blobs
-                   if blob.in_base and (store is None or store.stat(blob.digest) != blob.size)]
+                   if blob.in_base and (opened is None or opened.blobs.stat(blob.digest) != blob.size)]
         if missing:
             raise BundleInvalid(f"the base of this delta is not in the store: {len(missing)} blobs missing: "
                                 + ", ".join(str(blob.digest) for blob in missing))
-        store = store or FilesystemBlobStore(self.root)
+        opened = opened or storage.open(self.root)
+        store = opened.blobs
         staging_root = store.layout.import_staging(self.bundle_id.hex[:32])
         staging = FilesystemBlobStore(staging_root)
         try:
@@ -78,7 +80,7 @@ class Importer:
             raise
         for blob in self.blobs:
             _promote(staging, store, blob.digest)
-        registry, pins = Registry(store, Metadata(self.root)), Pins(self.root)
+        registry, pins = Registry(opened), opened.pins
         for image in self.bundle.images:
             self._publish(registry, pins, image)
         shutil.rmtree(staging_root, ignore_errors=True)
@@ -120,7 +122,7 @@ class Importer:
 
     def _publish(self, registry: Registry, pins: Pins, image: ImageEntry) -> None:
         """Store the image's manifests and links, pin its blobs, then tag it."""
-        ref = Reference.parse(image.reference)
+        ref = Reference.parse(image.reference, None)
         name = ref.store_name
         for digest, media_type in [*((r.digest, r.media_type) for r in image.referrers),
                                    (image.digest, image.media_type)]:

@@ -1,5 +1,7 @@
 """Where an export reads images from: the configured upstreams (with their credentials), then the local store.
 
+Names resolve as the server resolves them (``reference.resolve_name``): ``team/app:1`` is the hosted
+repository's image when the store holds it there, else the default upstream's (``docker.io/team/app``).
 Tags are asked of the upstream first (it knows where a tag points now) and of the store when the upstream
 fails or is not configured; anything by digest and every blob is taken from the store when it has it.
 """
@@ -8,12 +10,12 @@ from __future__ import annotations
 import contextlib
 from collections.abc import AsyncIterator
 
+from mirror import storage
 from mirror.config import Config
 from mirror.digest import Digest
 from mirror.errors import BlobUnknown, ManifestUnknown, MirrorError, UpstreamNotFound
-from mirror.reference import Reference, normalise_registry
+from mirror.reference import DOCKER_HUB, Reference, resolve_name
 from mirror.registry import Registry
-from mirror.storage import FilesystemBlobStore, Metadata
 from mirror.upstream import UpstreamClient
 
 CHUNK = 1 << 20
@@ -27,7 +29,20 @@ class Sources:
         self._config = config
         self._clients: dict[str, UpstreamClient] = {}
         root = config.storage.root
-        self._store = Registry(FilesystemBlobStore(root), Metadata(root)) if root.is_dir() else None
+        self._store = Registry(storage.open(root)) if storage.exists(root) else None
+
+    def resolve(self, text: str) -> Reference:
+        """The image ``text`` names: a hosted repository's when the store holds it there, else a registry's
+        (the default upstream's, or Docker Hub's as docker names images, for a name without a registry)."""
+        ref = Reference.parse(text, None)
+        if ref.registry is not None:
+            return ref
+        with contextlib.suppress(ManifestUnknown):
+            if self._store is not None and self._store.get_manifest(ref.repository, ref.reference):
+                return ref
+        registries = frozenset(upstream.name for upstream in self._config.upstreams)
+        request = resolve_name(ref.repository, None, registries, self._config.default_upstream or DOCKER_HUB)
+        return Reference(request.registry, request.path, ref.tag, ref.digest)
 
     async def manifest(self, ref: Reference, reference: str) -> tuple[bytes, str, Digest]:
         """Body, media type and digest of ``reference`` (tag or digest) in the repository of ``ref``."""
@@ -70,10 +85,9 @@ class Sources:
                 found.append((tag, (await self.manifest(ref, tag))[2]))
         if self._store is not None:
             with contextlib.suppress(MirrorError):
-                index = self._store.referrers(ref.store_name, subject, None)
                 known = {digest for _, digest in found}
-                found += [(None, d) for d in (Digest.parse(m["digest"]) for m in index["manifests"])
-                          if d not in known]
+                found += [(None, d) for d in (Digest.parse(m["digest"]) for m in self._store.referrers(
+                    ref.store_name, subject)) if d not in known]
         return found
 
     async def close(self) -> None:
@@ -97,8 +111,7 @@ class Sources:
             raise ManifestUnknown(exc.message) from exc
 
     def _client(self, ref: Reference) -> UpstreamClient | None:
-        upstreams = self._config.upstreams
-        upstream = next((u for u in upstreams if normalise_registry(u.name) == ref.registry), None)
+        upstream = self._config.upstream(ref.registry) if ref.registry else None
         if upstream is None:
             return None
         if upstream.name not in self._clients:

@@ -1,6 +1,5 @@
-"""Content-addressed blob store and repository metadata on the local file system."""
+"""The store: content-addressed blob bytes, repository metadata, pins and the access index, opened by ``open``."""
 from mirror.storage.base import BlobStore, BlobWriter
-from mirror.storage.filesystem import FilesystemBlobStore
-from mirror.storage.metadata import Metadata
+from mirror.storage.store import Store, exists, open
 
-__all__ = ["BlobStore", "BlobWriter", "FilesystemBlobStore", "Metadata"]
+__all__ = ["BlobStore", "BlobWriter", "Store", "exists", "open"]

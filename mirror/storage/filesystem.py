@@ -100,6 +100,10 @@ class FileBlobWriter:
             raise storage_error(exc) from exc
         self.size += len(data)
 
+    def follow(self) -> int:
+        """A read-only file descriptor of the session's bytes, for readers following the writes."""
+        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+
     def close(self) -> None:
         """Flush and keep the session for a later request."""
         if not self._file.closed:
@@ -270,6 +274,13 @@ class FilesystemBlobStore:
         if offset:
             file.seek(offset)
         return file
+
+    def open_fd(self, digest: Digest) -> int:
+        """A read-only file descriptor of the blob (the caller closes it); raise BlobUnknown when absent."""
+        try:
+            return os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as exc:
+            raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)}) from exc
 
     def read(self, digest: Digest) -> bytes:
         """The whole blob; for small blobs such as manifests and configs."""

@@ -37,6 +37,10 @@ class Metadata:
         """Whether ``name`` links blob ``digest``."""
         return self.layout.blob_link(name, digest).exists()
 
+    def blobs(self, name: str) -> Iterator[Digest]:
+        """Every blob digest linked in ``name``."""
+        yield from digests_in(self.layout.repository(name) / "_blobs")
+
     def unlink_blob(self, name: str, digest: Digest) -> bool:
         """Stop ``name`` serving blob ``digest``; return whether it did."""
         try:
@@ -44,6 +48,17 @@ class Metadata:
             return True
         except FileNotFoundError:
             return False
+
+    # origins
+    def note_origin(self, registry: str, digest: Digest) -> None:
+        """Record that the bytes of blob ``digest`` came from upstream ``registry`` (store form)."""
+        path = self.layout.origin(registry, digest)
+        if not path.exists():
+            write_atomic(path, b"", durable=False)
+
+    def has_origin(self, registry: str, digest: Digest) -> bool:
+        """Whether the bytes of blob ``digest`` came from upstream ``registry``."""
+        return self.layout.origin(registry, digest).exists()
 
     # manifests
     def link_manifest(self, name: str, digest: Digest, media_type: str) -> None:
@@ -114,11 +129,15 @@ class Metadata:
 
     # repositories
     def exists(self, name: str) -> bool:
-        """Whether ``name`` holds any content."""
+        """Whether ``name`` was ever written: it has links, tags or referrers, or had them."""
         return any((self.layout.repository(name) / marker).is_dir() for marker in MARKERS)
 
+    def holds_manifest(self, name: str) -> bool:
+        """Whether ``name`` holds a manifest now."""
+        return next(self.manifests(name), None) is not None
+
     def repositories(self) -> list[str]:
-        """Every repository name in lexical order."""
+        """Every repository name with any links, tags or referrers, in lexical order."""
         found = []
         for folder, subfolders, _ in os.walk(self.layout.repositories):
             if any(marker in subfolders for marker in MARKERS):

@@ -10,7 +10,10 @@
       repositories/<name>/_tags/<tag>                   the digest the tag points at
       repositories/<name>/_referrers/<alg>/<hex>/<alg>-<hex>
                                                         descriptor JSON of a manifest whose subject is <hex>
+      layout-version                                    the layout's version (``store.py`` migrates older ones)
       state/                                            indexes and queues of other modules (cache, events)
+      state/origins/<registry>/<alg>/<hex>              empty file: the blob's bytes came from that upstream
+                                                        (``<registry>`` in store form, ``host_port``)
       state/pins/<alg>/<hex>                            empty file: blob pinned (imported), never evicted
       state/imports/<key>/                              a bundle import's staging store (blobs verified, not
                                                         yet moved into blobs/); kept so a rerun resumes
@@ -40,6 +43,7 @@ from mirror.errors import BlobUploadUnknown, NameInvalid, StorageError, TagInval
 NAME_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 TAG_PATTERN = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 SESSION_PATTERN = re.compile(r"[a-f0-9]{32}")
+REGISTRY_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 MAX_NAME_LENGTH = 255
 
 
@@ -73,6 +77,8 @@ class Layout:
         self.events = self.state / "events"
         self.fetching = self.state / "fetching"
         self.imports = self.state / "imports"
+        self.origins = self.state / "origins"
+        self.version = self.root / "layout-version"
 
     def blob(self, digest: Digest) -> Path:
         """Where the bytes of ``digest`` live."""
@@ -121,6 +127,12 @@ class Layout:
     def pin(self, digest: Digest) -> Path:
         """The file whose presence pins blob ``digest`` against eviction."""
         return Path(f"{self.pins}/{digest.algorithm}/{digest.hex}")
+
+    def origin(self, registry: str, digest: Digest) -> Path:
+        """The file whose presence says blob ``digest`` was fetched from ``registry`` (store form)."""
+        if not REGISTRY_PATTERN.fullmatch(registry):
+            raise StorageError(f"invalid registry {registry[:100]!r}")
+        return Path(f"{self.origins}/{registry}/{digest.algorithm}/{digest.hex}")
 
     def trashed(self, digest: Digest) -> Path:
         """Where the garbage collector keeps blob ``digest`` between unpublishing and deleting it."""

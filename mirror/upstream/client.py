@@ -11,6 +11,7 @@ writer does). Blob GETs follow redirects to blob storage without the registry's 
 """
 from __future__ import annotations
 
+import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,7 +21,7 @@ import httpx
 
 from mirror.config import Upstream
 from mirror.digest import Digest
-from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamUnavailable
+from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamNotFound, UpstreamUnavailable
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
 from mirror.upstream.auth import RegistryAuth
 from mirror.upstream.status import detail, raise_for_status, translated
@@ -31,6 +32,9 @@ KEEPALIVE = 16  # idle connections kept per host
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
 USER_AGENT = "mirror-appliance/0.1"
 _ACCEPT = {"Accept": MANIFEST_ACCEPT}
+_NEXT_LINK = re.compile(r'<([^>]+)>\s*;\s*rel="?next"?')
+TAG_PAGE = 1000
+MAX_TAG_PAGES = 100
 _CONTENT_RANGE = re.compile(r"bytes (\d+)-\d+/(\d+|\*)")
 
 
@@ -122,6 +126,41 @@ class UpstreamClient:
             raise UpstreamInvalid(f"{what}: body has digest {digest}, expected {expected}", detail(200))
         return bytes(body), media_type, digest
 
+    async def head_blob(self, repo: str, digest: Digest) -> int | None:
+        """The size of blob ``digest`` in ``repo`` (None when not said); UpstreamNotFound when it lacks it."""
+        async with self._send("HEAD", f"/v2/{repo}/blobs/{digest}", f"blob {repo}@{digest}") as response:
+            return _content_length(response)
+
+    async def tags(self, repo: str) -> list[str]:
+        """Every tag of ``repo``, following the ``Link`` pages (at most ``MAX_TAG_PAGES`` of them)."""
+        what, path, found = f"tags of {repo}", f"/v2/{repo}/tags/list?n={TAG_PAGE}", []
+        for _ in range(MAX_TAG_PAGES):
+            document, path = await self._json("GET", path, what)
+            tags = document.get("tags") if isinstance(document, dict) else None
+            if tags is not None and not (isinstance(tags, list) and all(isinstance(t, str) for t in tags)):
+                raise UpstreamInvalid(f"{what}: malformed tag list", detail(200))
+            found += tags or []
+            if path is None:
+                break
+        return found
+
+    async def referrers(self, repo: str, subject: Digest) -> list[dict]:
+        """Descriptors of the manifests referring to ``subject``: the referrers API, or on registries without
+        it the referrers tag schema (an index tagged ``<alg>-<hex>``); none when neither has any."""
+        what = f"referrers of {repo}@{subject}"
+        try:
+            index, _ = await self._json("GET", f"/v2/{repo}/referrers/{subject}", what, {"Accept": OCI_INDEX})
+        except UpstreamNotFound:
+            try:
+                body, _, _ = await self.get_manifest(repo, f"{subject.algorithm}-{subject.hex}")
+            except UpstreamNotFound:
+                return []
+            index = json.loads(body) if body.strip().startswith(b"{") else None
+        manifests = index.get("manifests") if isinstance(index, dict) else None
+        if not isinstance(manifests, list):
+            raise UpstreamInvalid(f"{what}: not an image index", detail(200))
+        return [m for m in manifests if isinstance(m, dict) and Digest.is_digest(str(m.get("digest", "")))]
+
     @asynccontextmanager
     async def stream_blob(self, repo: str, digest: Digest, offset: int = 0) -> AsyncIterator[BlobStream]:
         """Open a blob for streaming from ``offset`` on; the connection is released on leaving the block."""
@@ -134,6 +173,21 @@ class UpstreamClient:
         """Close the pooled connections."""
         await self._http.aclose()
         await self._token_http.aclose()
+
+    async def _json(self, method: str, path: str, what: str,
+                    headers: dict[str, str] | None = None) -> tuple[object, str | None]:
+        """A small JSON answer (at most ``MAX_MANIFEST_SIZE`` bytes) and the path of its ``Link`` next page."""
+        async with self._send(method, path, what, headers) as response:
+            body = bytearray()
+            async for chunk in _checked_body(response, what):
+                body += chunk
+                if len(body) > MAX_MANIFEST_SIZE:
+                    raise UpstreamInvalid(f"{what}: answer is over the size limit", detail(200))
+            link = _NEXT_LINK.search(response.headers.get("link", ""))
+        try:
+            return json.loads(body), link[1] if link and link[1].startswith("/v2/") else None
+        except ValueError as exc:
+            raise UpstreamInvalid(f"{what}: not JSON", detail(200)) from exc
 
     @asynccontextmanager
     async def _send(self, method: str, path: str, what: str,

@@ -1,0 +1,361 @@
+"""Fetch coordination: one upstream request per missing blob or manifest, however many clients want it.
+
+A missing blob is fetched once: the first request starts a ``Fetch`` that writes the upstream's bytes into
+an upload session; every client (the first too) streams them as they arrive, from memory until they are on
+disk, then from that file. Worker processes sharing the store follow each other's fetches through the
+store (``storage.fetching``). The last byte is held back until the digest is verified, so a corrupt
+transfer is never delivered whole, and nothing is committed unless it verified.
+
+Which repository may see the bytes is not decided here: a request joins a fetch (or finds the bytes in the
+store) only after its ``confirm`` callback said that its own repository may serve them.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
+from typing import Protocol, TypeVar
+
+from mirror.config import Config, Upstream
+from mirror.digest import Digest
+from mirror.errors import (
+    BlobUnknown,
+    DigestInvalid,
+    MirrorError,
+    UpstreamInvalid,
+    UpstreamNotFound,
+    UpstreamUnavailable,
+)
+from mirror.metrics import Metrics
+from mirror.reference import store_prefix
+from mirror.storage import Store
+from mirror.storage.fetching import FetchClaim, ForeignFetch
+from mirror.storage.filesystem import CHUNK, BackgroundAppend, FileBlobWriter
+from mirror.upstream import UpstreamClient
+
+log = logging.getLogger("mirror.fetch")
+HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
+NEGATIVE_TTL = 15.0
+NEGATIVE_ENTRIES = 10_000
+T = TypeVar("T")
+
+
+class BlobSource(Protocol):
+    """Bytes of a blob that a handler can stream, from the store or from a fetch in progress."""
+
+    size: int | None
+    origin: str
+
+    def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """The bytes in ``[start, end)`` (to the end when ``end`` is None)."""
+
+    async def settle(self) -> None:
+        """Wait until the blob is committed to the store; raise the fetch's error if it failed."""
+
+
+class StoredBlob:
+    """A blob that is in the store."""
+
+    def __init__(self, store: Store, digest: Digest, size: int, origin: str = HOSTED):
+        self.store, self.digest, self.size, self.origin = store, digest, size, origin
+
+    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Read the stored file chunk by chunk."""
+        remaining = (self.size if end is None else end) - start
+        with self.store.blobs.open(self.digest, start) as file:
+            while remaining > 0 and (chunk := file.read(min(CHUNK, remaining))):
+                remaining -= len(chunk)
+                yield chunk
+
+    async def settle(self) -> None:
+        """Stored already."""
+
+
+class Fetch:
+    """One upstream GET of a missing blob, written to an upload session and followed by every client.
+
+    Bytes received but not yet on disk stay in memory, so clients are not held up by a disk slower than
+    the upstream; ``BackgroundAppend`` bounds how many.
+    """
+
+    def __init__(self, store: Store, digest: Digest, repository: str):
+        self.store, self.digest, self.repository = store, digest, repository
+        self.size: int | None = None
+        self.available = 0  # bytes received
+        self.written = 0  # of which in the session file
+        self.done = False  # verified: every byte may be released
+        self.finished = False  # committed or failed
+        self.error: MirrorError | None = None
+        self.started = asyncio.Event()
+        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) received, not yet written
+        self._progress = asyncio.Event()
+        self._fd: int | None = None
+
+    def follow(self, writer: FileBlobWriter) -> None:
+        """Start following the session file ``writer`` appends to."""
+        self._fd = writer.follow()
+
+    def receive(self, chunk: bytes) -> None:
+        """Hold the next ``chunk`` from upstream in memory until it is written, and wake the followers."""
+        self._unwritten.append((self.available, chunk))
+        self.available += len(chunk)
+        self._wake()
+
+    def wrote(self, count: int) -> None:
+        """Record ``count`` more bytes written to the session file, and let go of them in memory."""
+        self.written += count
+        while self._unwritten and self._unwritten[0][0] + len(self._unwritten[0][1]) <= self.written:
+            self._unwritten.popleft()
+
+    def read(self, fd: int, position: int, size: int) -> bytes:
+        """Up to ``size`` received bytes from ``position``: from memory if not yet written, else from ``fd``."""
+        if position >= self.written:
+            for offset, chunk in self._unwritten:
+                if offset <= position < offset + len(chunk):
+                    return chunk[position - offset:position - offset + size]
+        return os.pread(fd, size, position)
+
+    def verified(self) -> None:
+        """Release every byte: the digest checked out (the blob may still be being written and committed)."""
+        self.done = True
+        self._wake()
+
+    def finish(self, error: MirrorError | None) -> None:
+        """End the fetch: committed, or failed with ``error`` (readers see it only if not yet verified)."""
+        if not self.done:
+            self.done, self.error = error is None, error
+        self.finished = True
+        self.started.set()
+        self._wake()
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+    def reader(self) -> int:
+        """A file descriptor to read the bytes from: the session file while fetching, the blob once stored."""
+        if self.error is not None:
+            raise self.error
+        return os.dup(self._fd) if self._fd is not None else self.store.blobs.open_fd(self.digest)
+
+    async def progress(self) -> None:
+        """Wait until more bytes arrive or the fetch ends."""
+        await self._progress.wait()
+
+    def _wake(self) -> None:
+        event, self._progress = self._progress, asyncio.Event()
+        event.set()
+
+
+class FetchFollower:
+    """Streams a fetch's bytes as they land on disk, holding back the last byte until it is verified."""
+
+    origin = MISS
+
+    def __init__(self, fetch: Fetch | ForeignFetch):
+        if fetch.error is not None:
+            raise fetch.error
+        self.fetch = fetch
+        self.size = fetch.size
+
+    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """Yield ``[start, end)`` as the fetch writes it; raise the fetch's error if it fails."""
+        fetch, position = self.fetch, start
+        fd = fetch.reader()
+        try:
+            while end is None or position < end:
+                ready = self._releasable()
+                if position < ready:
+                    limit = ready if end is None else min(ready, end)
+                    chunk = fetch.read(fd, position, min(CHUNK, limit - position))
+                    position += len(chunk)
+                    yield chunk
+                elif fetch.error is not None:
+                    raise fetch.error
+                elif fetch.done:
+                    return
+                else:
+                    await fetch.progress()
+        finally:
+            os.close(fd)
+
+    async def settle(self) -> None:
+        """Wait until the fetch committed the blob; raise its error if it failed."""
+        while not self.fetch.finished and self.fetch.error is None:
+            await self.fetch.progress()
+        if self.fetch.error is not None:
+            raise self.fetch.error
+
+    def _releasable(self) -> int:
+        """How many bytes may be sent: all once verified, before that all but the blob's last byte (a size
+        known up front keeps that from splitting every chunk)."""
+        fetch = self.fetch
+        if fetch.done:
+            return fetch.available
+        return min(fetch.available, (fetch.available if fetch.size is None else fetch.size) - 1)
+
+
+class Fetcher:
+    """The upstream clients and every fetch in flight in this process: blobs, manifests, known misses."""
+
+    def __init__(self, config: Config, store: Store, metrics: Metrics,
+                 client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient):
+        self.config, self.store, self.metrics = config, store, metrics
+        self._clients = {upstream.name: client_factory(upstream) for upstream in config.upstreams}
+        self._fetches: dict[Digest, Fetch] = {}
+        self._singles: dict[Hashable, asyncio.Future] = {}
+        self._missing: dict[Hashable, float] = {}
+
+    def client(self, upstream: Upstream) -> UpstreamClient:
+        """The client of ``upstream``."""
+        return self._clients[upstream.name]
+
+    # manifests and other small answers
+    async def single(self, key: Hashable, work: Callable[[], Awaitable[T]]) -> T:
+        """The result of ``work()``, shared by every caller asking with the same ``key`` meanwhile."""
+        future = self._singles.get(key)
+        if future is None:
+            future = asyncio.ensure_future(work())
+            self._singles[key] = future
+            future.add_done_callback(lambda _: self._singles.pop(key, None))
+        return await asyncio.shield(future)
+
+    def missing(self, key: Hashable) -> bool:
+        """Whether the upstream said ``key`` does not exist less than ``NEGATIVE_TTL`` seconds ago."""
+        return time.time() < self._missing.get(key, 0)
+
+    def remember_missing(self, key: Hashable) -> None:
+        """Note that the upstream says ``key`` does not exist."""
+        now = time.time()
+        if len(self._missing) > NEGATIVE_ENTRIES:  # forget expired entries: clients choose the keys
+            self._missing = {key: until for key, until in self._missing.items() if until > now}
+        self._missing[key] = now + NEGATIVE_TTL
+
+    # blobs
+    async def blob(self, upstream: Upstream, path: str, repository: str, digest: Digest,
+                   confirm: Callable[[], Awaitable[None]]) -> BlobSource:
+        """Blob ``digest`` of ``path`` at ``upstream``, for store ``repository``: from the store, from a fetch in
+        progress, or fetched now (then linked into ``repository`` once committed). Bytes this request did not
+        ask the upstream for itself are served only after ``confirm()`` returned."""
+        blobs = self.store.blobs
+        while True:
+            fetch = self._fetches.get(digest)
+            if fetch is not None:
+                if fetch.repository != repository:
+                    await confirm()
+                await fetch.started.wait()
+                return FetchFollower(fetch)
+            if (size := blobs.stat(digest)) is not None:
+                await confirm()
+                self.store.access.touch(digest)
+                return StoredBlob(self.store, digest, size, HIT)
+            claim = FetchClaim.take(self.store.layout, digest)
+            if claim is None:  # another worker process is fetching it
+                foreign = await ForeignFetch.join(self.store.layout, digest)
+                if foreign is not None:
+                    await confirm()
+                    return FetchFollower(foreign)
+                continue  # it committed or gave up: look again
+            if blobs.stat(digest) is not None:  # committed by another worker just before we took the claim
+                claim.release()
+                continue
+            fetch = self._fetches[digest] = Fetch(self.store, digest, repository)
+            asyncio.ensure_future(self._fetch_blob(upstream, path, fetch, claim))
+            await fetch.started.wait()
+            return FetchFollower(fetch)
+
+    def fetching(self) -> bool:
+        """Whether any fetch is in flight in this process."""
+        return bool(self._fetches or self._singles)
+
+    async def _fetch_blob(self, upstream: Upstream, path: str, fetch: Fetch, claim: FetchClaim) -> None:
+        writer = self.store.blobs.writer()
+        error: MirrorError | None = UpstreamUnavailable(f"fetch of {fetch.digest} was interrupted")
+        try:
+            async with self.client(upstream).stream_blob(path, fetch.digest) as stream:
+                fetch.size = stream.size
+                fetch.follow(writer)
+                claim.publish(writer.id, stream.size)
+                fetch.started.set()
+                appending = BackgroundAppend(writer, fetch.wrote)
+                try:
+                    async for chunk in stream.aiter():
+                        fetch.receive(chunk)
+                        await appending.append(chunk)
+                    hashed = await appending.digest(fetch.digest.algorithm)
+                    if hashed is not None and hashed != fetch.digest:
+                        raise DigestInvalid(f"content digest {hashed} does not match {fetch.digest}")
+                    if hashed is not None:
+                        fetch.verified()  # clients need not wait for the disk, nor for the commit's fsync
+                finally:
+                    await appending.close()
+            await asyncio.to_thread(self._make_room, fetch.digest, fetch.written)
+            try:
+                await asyncio.to_thread(writer.commit, fetch.digest)
+            except MirrorError:
+                self.store.access.forget(fetch.digest)
+                raise
+            self.store.metadata.note_origin(store_prefix(upstream.name), fetch.digest)
+            self.store.metadata.link_blob(fetch.repository, fetch.digest)
+            error = None
+        except UpstreamNotFound as exc:
+            error = BlobUnknown(f"blob {fetch.digest} is not in upstream {upstream.name}/{path}",
+                                detail={"digest": str(fetch.digest)})
+            error.__cause__ = exc
+        except DigestInvalid as exc:
+            error = UpstreamInvalid(f"upstream sent corrupt content for {fetch.digest}: {exc.message}")
+        except MirrorError as exc:
+            error = exc
+        finally:
+            if error is not None:
+                writer.cancel()
+                log.warning("fetch of %s from %s failed: %s", fetch.digest, upstream.name, error.message)
+            self._fetches.pop(fetch.digest, None)
+            claim.release()
+            fetch.finish(error)
+
+    # eviction
+    def _make_room(self, digest: Digest, size: int) -> None:
+        """Evict for, then count, a blob about to be committed: the bound holds whatever runs concurrently."""
+        self.evict(size)
+        self.store.access.record(digest, size)
+
+    def evict(self, incoming: int = 0) -> int:
+        """Evict least recently used cached blobs until they and ``incoming`` more bytes fit in
+        ``max_cache_size``; return the bytes freed. Only fetched blobs are in the access index: pushed and
+        imported ones left it when they were pushed or imported, and pinned ones are kept."""
+        limit = self.config.storage.max_cache_size
+        if limit is None:
+            return 0
+        index = self.store.access
+        total = index.total() + incoming
+        if total <= limit:
+            return 0
+        freed = count = 0
+        for digest, size in index.oldest_first():
+            if total <= limit:
+                break
+            total -= size
+            index.forget(digest)
+            if self.store.pins.is_pinned(digest):
+                continue
+            self.store.blobs.delete(digest)
+            freed, count = freed + size, count + 1
+        self.metrics.evicted_blobs(count, freed)
+        log.info("evicted %d bytes of cached blobs", freed)
+        return freed
+
+    async def close_when_idle(self, timeout: float | None = None) -> None:
+        """Close once no fetch is in progress (they finish committing), or after ``timeout`` seconds."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.fetching() and (deadline is None or time.monotonic() < deadline):
+            await asyncio.sleep(0.1)
+        await self.close()
+
+    async def close(self) -> None:
+        """Release upstream connections and the store's index."""
+        for client in self._clients.values():
+            await client.close()
+        self.store.close()

@@ -1,0 +1,455 @@
+"""Repositories as a request sees them: hosted, mirrored, or hosted in front of mirrored (the default route).
+
+``Repositories.resolve`` turns a request's name (and containerd's ``?ns=``) into one of these, once; handlers
+and commands call only the repository. Content is served from a repository only where it is linked there:
+
+- ``Hosted``: what was pushed or imported into that store repository.
+- ``Mirrored``: an upstream's store repository (``docker.io/library/alpine``). A blob is linked there once
+  the upstream confirmed this repository has it, by serving it or answering a HEAD, or when a cached
+  manifest of this repository lists it and its bytes came from the same upstream (shared base layers cost no
+  extra request). Bytes pushed, imported or fetched from another upstream are never served here without
+  that confirmation: an upstream manifest naming a private digest unlocks nothing. Writes are refused
+  unless the upstream has ``allow_push``.
+- ``DefaultRoute``: the docker daemon's ``/v2/library/alpine`` with a default upstream: the hosted
+  repository of that name first, then the upstream's. Writes go to the hosted one; what a HEAD through it
+  says exists, a manifest PUT through it accepts (and links into the hosted repository).
+
+Each repository names the store repositories it may serve from (``access_names``: access rules must allow
+reading all of them) and the one writes land in (``write_name``).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from typing import Any, Protocol
+
+from mirror import manifest as manifests
+from mirror.config import Config, Upstream
+from mirror.digest import Digest
+from mirror.errors import (
+    BlobUnknown,
+    BlobUploadUnknown,
+    ManifestUnknown,
+    MirrorError,
+    NameUnknown,
+    Unsupported,
+    UpstreamError,
+    UpstreamNotFound,
+)
+from mirror.fetch import HIT, MISS, BlobSource, Fetcher, StoredBlob
+from mirror.reference import RequestName, resolve_name, store_prefix
+from mirror.registry import Registry, StoredManifest
+from mirror.storage.filesystem import FileBlobWriter
+
+log = logging.getLogger("mirror.repository")
+
+
+class Repository(Protocol):
+    """What every kind of repository answers."""
+
+    access_names: tuple[str, ...]
+    write_name: str
+
+    async def blob(self, digest: Digest) -> BlobSource:
+        """The blob's bytes; raise BlobUnknown when this repository may not serve it."""
+
+    def linked_size(self, digest: Digest) -> int | None:
+        """The size of blob ``digest`` if it is linked here and in the store (a mount source), else None."""
+
+    async def manifest(self, reference: str) -> StoredManifest:
+        """The manifest a tag or digest names here; raise ManifestUnknown."""
+
+    async def tags(self) -> list[str]:
+        """The tags, sorted; raise NameUnknown for a repository that does not exist."""
+
+    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+        """Descriptors of the manifests referring to ``subject``."""
+
+    def start_upload(self) -> FileBlobWriter:
+        """Open an upload session."""
+
+    def resume_upload(self, session: str) -> FileBlobWriter:
+        """Reopen upload ``session`` of this repository."""
+
+    def upload_size(self, session: str) -> int:
+        """How many bytes upload ``session`` holds."""
+
+    def cancel_upload(self, session: str) -> None:
+        """Abandon upload ``session``."""
+
+    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+        """Commit the upload as blob ``expected`` and link it here."""
+
+    def mount(self, digest: Digest) -> None:
+        """Link blob ``digest`` (readable by the caller elsewhere) here as pushed content."""
+
+    async def put_manifest(self, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Validate and store a pushed manifest under a tag or its digest; return it parsed."""
+
+    def delete_manifest(self, reference: str) -> None:
+        """Delete a tag, or a manifest by digest."""
+
+    def delete_blob(self, digest: Digest) -> None:
+        """Stop serving blob ``digest`` here."""
+
+
+class Hosted:
+    """A store repository served as it is: pushed and imported content."""
+
+    def __init__(self, registry: Registry, name: str):
+        self.registry, self.name = registry, name
+        self.access_names, self.write_name = (name,), name
+
+    async def blob(self, digest: Digest) -> BlobSource:
+        """The blob's bytes, when linked here."""
+        return StoredBlob(self.registry.store, digest, self.registry.blob_size(self.name, digest))
+
+    def linked_size(self, digest: Digest) -> int | None:
+        """The size of a blob linked here."""
+        return self.registry.linked_size(self.name, digest)
+
+    async def manifest(self, reference: str) -> StoredManifest:
+        """The manifest ``reference`` names here."""
+        return self.registry.get_manifest(self.name, reference)
+
+    async def tags(self) -> list[str]:
+        """The tags here."""
+        return self.registry.tags(self.name)
+
+    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+        """The referrers recorded here."""
+        return self.registry.referrers(self.name, subject)
+
+    def start_upload(self) -> FileBlobWriter:
+        """Open an upload session here."""
+        return self.registry.start_upload(self.name)
+
+    def resume_upload(self, session: str) -> FileBlobWriter:
+        """Reopen an upload session of this repository."""
+        return self.registry.resume_upload(self.name, session)
+
+    def upload_size(self, session: str) -> int:
+        """Bytes received by an upload session of this repository."""
+        return self.registry.upload_size(self.name, session)
+
+    def cancel_upload(self, session: str) -> None:
+        """Abandon an upload session of this repository."""
+        self.registry.cancel_upload(self.name, session)
+
+    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+        """Commit and link the upload."""
+        return self.registry.finish_upload(self.name, writer, expected)
+
+    def mount(self, digest: Digest) -> None:
+        """Link a blob here as pushed content."""
+        self.registry.link_pushed(self.name, digest)
+
+    async def put_manifest(self, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Store a manifest whose references are all linked here."""
+        return self.registry.put_manifest(self.name, reference, body, content_type)
+
+    def delete_manifest(self, reference: str) -> None:
+        """Delete a tag, or a manifest by digest."""
+        self.registry.delete_manifest(self.name, reference)
+
+    def delete_blob(self, digest: Digest) -> None:
+        """Unlink a blob."""
+        self.registry.delete_blob(self.name, digest)
+
+
+class Mirrored:
+    """An upstream's store repository: cached content, fetched from the upstream on demand."""
+
+    def __init__(self, registry: Registry, fetcher: Fetcher, upstream: Upstream, request: RequestName):
+        self.registry, self.fetcher, self.upstream = registry, fetcher, upstream
+        self.name, self.path = request.store, request.path
+        self.access_names, self.write_name = (self.name,), self.name
+        self._pushes = Hosted(registry, self.name) if upstream.allow_push else None
+
+    @property
+    def client(self) -> Any:
+        """The upstream's client."""
+        return self.fetcher.client(self.upstream)
+
+    # blobs
+    async def blob(self, digest: Digest) -> BlobSource:
+        """A linked blob from the store, else the upstream's (fetched once, however many ask)."""
+        size = self.registry.linked_size(self.name, digest)
+        if size is not None:
+            self.registry.store.access.touch(digest)
+            return StoredBlob(self.registry.store, digest, size, HIT)
+        return await self.fetcher.blob(self.upstream, self.path, self.name, digest, lambda: self._confirm(digest))
+
+    async def _confirm(self, digest: Digest) -> None:
+        """Link ``digest`` here once the upstream says this repository has it; raise BlobUnknown if not."""
+        if self.registry.metadata.has_blob(self.name, digest):
+            return
+        try:
+            await self.client.head_blob(self.path, digest)
+        except UpstreamNotFound as exc:
+            raise BlobUnknown(f"blob {digest} is not in {self.upstream.name}/{self.path}",
+                              detail={"digest": str(digest)}) from exc
+        self.registry.metadata.note_origin(store_prefix(self.upstream.name), digest)
+        self.registry.metadata.link_blob(self.name, digest)
+
+    def linked_size(self, digest: Digest) -> int | None:
+        """The size of a blob linked here (no upstream is asked)."""
+        return self.registry.linked_size(self.name, digest)
+
+    # manifests
+    async def manifest(self, reference: str) -> StoredManifest:
+        """A cached manifest (a tag revalidated after its TTL), else the upstream's."""
+        digest = self.registry.resolve(self.name, reference)
+        if digest is None and not Digest.is_digest(reference) and not _valid_tag(reference):
+            raise ManifestUnknown(f"manifest {reference[:200]} is not in {self.name}")
+        media_type = self.registry.metadata.manifest_media_type(self.name, digest) if digest else None
+        if digest is not None and media_type is not None:
+            if Digest.is_digest(reference) or self._fresh(reference, digest):
+                return self._hit(digest, media_type)
+            return await self._revalidate(reference, digest, media_type)
+        return await self._fetch_manifest(reference)
+
+    def _fresh(self, tag: str, digest: Digest) -> bool:
+        if self.registry.store.pins.is_pinned(digest):
+            return True
+        written = self.registry.metadata.tag_mtime(self.name, tag)
+        return written is not None and time.time() - written < self.upstream.manifest_ttl
+
+    async def _revalidate(self, tag: str, cached: Digest, media_type: str) -> StoredManifest:
+        try:
+            digest, _, _ = await self.client.head_manifest(self.path, tag)
+        except UpstreamError as exc:
+            log.info("serving %s:%s stale: %s", self.name, tag, exc.message)
+            return self._hit(cached, media_type)
+        if digest == cached:
+            self.registry.metadata.touch_tag(self.name, tag)
+            return self._hit(cached, media_type)
+        return await self._fetch_manifest(tag)
+
+    async def _fetch_manifest(self, reference: str) -> StoredManifest:
+        key = (self.name, reference)
+        if self.fetcher.missing(key):
+            raise ManifestUnknown(f"manifest {reference} is not in {self.upstream.name}/{self.path}",
+                                  detail={"name": self.name, "reference": reference[:200]})
+        return await self.fetcher.single(key, lambda: self._cache_manifest(reference))
+
+    async def _cache_manifest(self, reference: str) -> StoredManifest:
+        try:
+            body, media_type, digest = await self.client.get_manifest(self.path, reference)
+        except UpstreamNotFound as exc:
+            self.fetcher.remember_missing((self.name, reference))
+            raise ManifestUnknown(f"manifest {reference} is not in {self.upstream.name}/{self.path}",
+                                  detail={"name": self.name, "reference": reference[:200]}) from exc
+        parsed = manifests.parse_lenient(body, media_type, digest)
+        self.registry.store_manifest(self.name, parsed)
+        origin = store_prefix(self.upstream.name)
+        for descriptor in parsed.blobs:
+            with contextlib.suppress(MirrorError):
+                blob = Digest.parse(descriptor["digest"])
+                if self.registry.metadata.has_origin(origin, blob):
+                    self.registry.metadata.link_blob(self.name, blob)
+        if not Digest.is_digest(reference):
+            self.registry.metadata.tag(self.name, reference, digest)
+        return StoredManifest(digest, media_type, body, MISS, self.name)
+
+    def _hit(self, digest: Digest, media_type: str) -> StoredManifest:
+        return StoredManifest(digest, media_type, self.registry.manifest_body(digest), HIT, self.name)
+
+    # listings
+    async def tags(self) -> list[str]:
+        """The upstream's tags and the cached ones; only the cached ones while the upstream fails."""
+        cached = self.registry.metadata.tags(self.name)
+        try:
+            listed = await self.fetcher.single(("tags", self.name), lambda: self.client.tags(self.path))
+        except UpstreamNotFound:
+            if not cached:
+                raise NameUnknown(f"repository {self.name} is not known", detail={"name": self.name}) from None
+            listed = []
+        except UpstreamError as exc:
+            log.info("listing the cached tags of %s: %s", self.name, exc.message)
+            listed = []
+        return sorted(set(cached) | {tag for tag in listed if _valid_tag(tag)})
+
+    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+        """The referrers cached here and the upstream's (only the cached ones while the upstream fails)."""
+        found = self.registry.referrers(self.name, subject)
+        try:
+            listed = await self.fetcher.single(("referrers", self.name, subject),
+                                               lambda: self.client.referrers(self.path, subject))
+        except UpstreamError as exc:
+            log.info("listing the cached referrers of %s@%s: %s", self.name, subject, exc.message)
+            listed = []
+        return _merged(found, listed)
+
+    # writes: only with allow_push, into the same store repository
+    def _writes(self) -> Hosted:
+        if self._pushes is None:
+            raise Unsupported(f"{self.name} mirrors upstream {self.upstream.name}; pushes go to that registry",
+                              detail={"upstream": self.upstream.name})
+        return self._pushes
+
+    def start_upload(self) -> FileBlobWriter:
+        """Open an upload session (``allow_push`` only)."""
+        return self._writes().start_upload()
+
+    def resume_upload(self, session: str) -> FileBlobWriter:
+        """Reopen an upload session (``allow_push`` only)."""
+        return self._writes().resume_upload(session)
+
+    def upload_size(self, session: str) -> int:
+        """Bytes received by an upload session; a read-only repository has none."""
+        if self._pushes is None:
+            raise BlobUploadUnknown(f"upload {session[:100]} is not known in {self.name}")
+        return self._pushes.upload_size(session)
+
+    def cancel_upload(self, session: str) -> None:
+        """Abandon an upload session; a read-only repository has none."""
+        if self._pushes is None:
+            raise BlobUploadUnknown(f"upload {session[:100]} is not known in {self.name}")
+        self._pushes.cancel_upload(session)
+
+    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+        """Commit and link an upload (``allow_push`` only)."""
+        return self._writes().finish_upload(writer, expected)
+
+    def mount(self, digest: Digest) -> None:
+        """Link a blob as pushed content (``allow_push`` only)."""
+        self._writes().mount(digest)
+
+    async def put_manifest(self, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Store a pushed manifest (``allow_push`` only)."""
+        return await self._writes().put_manifest(reference, body, content_type)
+
+    def delete_manifest(self, reference: str) -> None:
+        """Delete a tag or manifest (``allow_push`` only)."""
+        self._writes().delete_manifest(reference)
+
+    def delete_blob(self, digest: Digest) -> None:
+        """Unlink a blob (``allow_push`` only)."""
+        self._writes().delete_blob(digest)
+
+
+class DefaultRoute:
+    """A hosted repository in front of the default upstream's: reads try the hosted one first; writes go there."""
+
+    def __init__(self, hosted: Hosted, mirrored: Mirrored | Hosted):
+        self.hosted, self.mirrored = hosted, mirrored
+        self.access_names = (hosted.name, mirrored.name)
+        self.write_name = hosted.name
+
+    async def blob(self, digest: Digest) -> BlobSource:
+        """The hosted blob, else the mirrored one."""
+        if self.hosted.linked_size(digest) is not None:
+            return await self.hosted.blob(digest)
+        return await self.mirrored.blob(digest)
+
+    def linked_size(self, digest: Digest) -> int | None:
+        """The size of a blob linked in either repository."""
+        size = self.hosted.linked_size(digest)
+        return size if size is not None else self.mirrored.linked_size(digest)
+
+    async def manifest(self, reference: str) -> StoredManifest:
+        """The hosted manifest, else the mirrored one."""
+        with contextlib.suppress(ManifestUnknown, NameUnknown):
+            return await self.hosted.manifest(reference)
+        return await self.mirrored.manifest(reference)
+
+    async def tags(self) -> list[str]:
+        """The tags of both; NameUnknown only when neither exists."""
+        found: set[str] = set()
+        unknown = 0
+        for repository in (self.hosted, self.mirrored):
+            try:
+                found.update(await repository.tags())
+            except NameUnknown:
+                unknown += 1
+        if unknown == 2:
+            raise NameUnknown(f"repository {self.hosted.name} is not known", detail={"name": self.hosted.name})
+        return sorted(found)
+
+    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+        """The referrers of both."""
+        return _merged(await self.hosted.referrers(subject), await self.mirrored.referrers(subject))
+
+    def start_upload(self) -> FileBlobWriter:
+        """Open an upload session in the hosted repository."""
+        return self.hosted.start_upload()
+
+    def resume_upload(self, session: str) -> FileBlobWriter:
+        """Reopen an upload session of the hosted repository."""
+        return self.hosted.resume_upload(session)
+
+    def upload_size(self, session: str) -> int:
+        """Bytes received by an upload session of the hosted repository."""
+        return self.hosted.upload_size(session)
+
+    def cancel_upload(self, session: str) -> None:
+        """Abandon an upload session of the hosted repository."""
+        self.hosted.cancel_upload(session)
+
+    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+        """Commit and link an upload into the hosted repository."""
+        return self.hosted.finish_upload(writer, expected)
+
+    def mount(self, digest: Digest) -> None:
+        """Link a blob into the hosted repository."""
+        self.hosted.mount(digest)
+
+    async def put_manifest(self, reference: str, body: bytes, content_type: str | None) -> manifests.Manifest:
+        """Store the manifest in the hosted repository, first linking there what it lists that the mirrored
+        repository serves (a HEAD through this route said those exist)."""
+        manifest = Registry.parse_pushed(reference, body, content_type)
+        blobs, children = self.hosted.registry.missing_references(self.hosted.name, manifest)
+        for digest in blobs:
+            with contextlib.suppress(BlobUnknown):
+                await (await self.mirrored.blob(digest)).settle()
+            if self.mirrored.linked_size(digest) is not None:
+                self.hosted.mount(digest)
+        for digest in children:
+            with contextlib.suppress(ManifestUnknown, NameUnknown):
+                child = await self.mirrored.manifest(str(digest))
+                self.hosted.registry.metadata.link_manifest(self.hosted.name, child.digest, child.media_type)
+        self.hosted.registry.push_manifest(self.hosted.name, reference, manifest)
+        return manifest
+
+    def delete_manifest(self, reference: str) -> None:
+        """Delete from the hosted repository."""
+        self.hosted.delete_manifest(reference)
+
+    def delete_blob(self, digest: Digest) -> None:
+        """Unlink from the hosted repository."""
+        self.hosted.delete_blob(digest)
+
+
+class Repositories:
+    """Resolves request names into repositories, by the configured upstreams and default upstream."""
+
+    def __init__(self, config: Config, registry: Registry, fetcher: Fetcher):
+        self.config, self.registry, self.fetcher = config, registry, fetcher
+        self._registries = frozenset(upstream.name for upstream in config.upstreams)
+
+    def resolve(self, name: str, ns: str | None = None) -> Hosted | Mirrored | DefaultRoute:
+        """The repository request name ``name`` (with containerd's ``ns``) means; raise NameInvalid."""
+        request = resolve_name(name, ns, self._registries, self.config.default_upstream)
+        if request.registry is None:
+            return Hosted(self.registry, name)
+        upstream = self.config.upstream(request.registry)
+        inner = Mirrored(self.registry, self.fetcher, upstream, request) if upstream else Hosted(self.registry,
+                                                                                                 request.store)
+        return inner if request.explicit else DefaultRoute(Hosted(self.registry, name), inner)
+
+
+def _valid_tag(tag: str) -> bool:
+    from mirror.storage.paths import TAG_PATTERN
+
+    return TAG_PATTERN.fullmatch(tag) is not None
+
+
+def _merged(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Descriptors of every list, each digest once (the first list's wins)."""
+    seen: dict[str, dict[str, Any]] = {}
+    for descriptors in lists:
+        for descriptor in descriptors:
+            seen.setdefault(str(descriptor.get("digest")), descriptor)
+    return list(seen.values())

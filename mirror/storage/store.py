@@ -1,0 +1,104 @@
+"""One store, opened in one place: its layout version, blob bytes, repository metadata, pins and access index.
+
+``open(root)`` is how every command and the server get at a store. It creates a new store, or checks and
+migrates an existing one to ``LAYOUT_VERSION`` (recorded in ``<root>/layout-version``):
+
+- version 1 (no marker): before blobs were visible only where linked with a known origin. Its pull-through
+  code linked any blob already in the store into whichever upstream repository a client asked through, so
+  links in registry-named repositories (``docker.io/...``) may be unfounded. The migration keeps only the
+  blob links that a manifest of the same repository lists, and writes the marker; what it drops costs an
+  upstream confirmation (a HEAD) when next asked for.
+- version 2: the current layout (``paths.py``).
+
+A store of a newer version than this code knows is refused rather than misread.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from pathlib import Path
+
+from mirror import manifest as manifests
+from mirror.digest import Digest
+from mirror.errors import MirrorError, StorageError
+from mirror.storage.access import AccessIndex
+from mirror.storage.filesystem import FilesystemBlobStore, storage_error, write_atomic
+from mirror.storage.metadata import Metadata
+from mirror.storage.paths import Layout
+from mirror.storage.pins import Pins
+
+LAYOUT_VERSION = 2
+
+
+@dataclass
+class Store:
+    """Everything one store root holds, each part behind its own small interface."""
+
+    layout: Layout
+    blobs: FilesystemBlobStore
+    metadata: Metadata
+    pins: Pins
+    _access: AccessIndex | None = None
+
+    @property
+    def access(self) -> AccessIndex:
+        """The access index of pull-through blobs (opened on first use: most commands never need it)."""
+        if self._access is None:
+            self._access = AccessIndex(self.layout.cache_index)
+        return self._access
+
+    def close(self) -> None:
+        """Release the access index."""
+        if self._access is not None:
+            self._access.close()
+            self._access = None
+
+
+def open(root: Path | str) -> Store:  # noqa: A001 - ``storage.open`` is the one way to open a store
+    """Open (creating or migrating as needed) the store at ``root``."""
+    layout = Layout(Path(root))
+    fresh = not layout.blobs.is_dir()
+    blobs = FilesystemBlobStore(layout.root)
+    store = Store(layout, blobs, Metadata(layout.root), Pins(layout.root))
+    version = LAYOUT_VERSION if fresh else _version(layout)
+    if version > LAYOUT_VERSION:
+        raise StorageError(f"the store {layout.root} has layout version {version}; this mirror knows up to "
+                           f"{LAYOUT_VERSION}: upgrade the mirror")
+    if version < 2:
+        _unlink_unfounded_blob_links(store)
+    if fresh or version < LAYOUT_VERSION:
+        write_atomic(layout.version, f"{LAYOUT_VERSION}\n".encode())
+    return store
+
+
+def exists(root: Path | str) -> bool:
+    """Whether a store was ever opened at ``root``."""
+    return Layout(Path(root)).blobs.is_dir()
+
+
+def _version(layout: Layout) -> int:
+    try:
+        text = layout.version.read_text().strip()
+    except FileNotFoundError:
+        return 1
+    except OSError as exc:
+        raise storage_error(exc) from exc
+    if not text.isdigit():
+        raise StorageError(f"the store's {layout.version} is not a layout version: {text[:40]!r}")
+    return int(text)
+
+
+def _unlink_unfounded_blob_links(store: Store) -> None:
+    """Version 1 -> 2: in registry-named repositories keep only the blob links their manifests list."""
+    metadata = store.metadata
+    for name in metadata.repositories():
+        first = name.partition("/")[0]
+        if "." not in first and first != "localhost" and not first.startswith("localhost_"):
+            continue  # a hosted name: its links came from pushes and imports
+        listed: set[Digest] = set()
+        for digest in metadata.manifests(name):
+            with contextlib.suppress(MirrorError, OSError):
+                parsed = manifests.parse(store.blobs.read(digest), metadata.manifest_media_type(name, digest))
+                listed.update(Digest.parse(blob["digest"]) for blob in parsed.blobs)
+        for digest in set(metadata.blobs(name)) - listed:
+            metadata.unlink_blob(name, digest)
