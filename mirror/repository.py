@@ -34,6 +34,7 @@ from mirror.errors import (
     MirrorError,
     NameUnknown,
     Unsupported,
+    UpstreamDenied,
     UpstreamError,
     UpstreamNotFound,
 )
@@ -339,10 +340,14 @@ class DefaultRoute:
         self.write_name = hosted.name
 
     async def blob(self, digest: Digest) -> BlobSource:
-        """The hosted blob, else the mirrored one."""
+        """The hosted blob, else the mirrored one (an upstream that refuses this name has nothing for it)."""
         if self.hosted.linked_size(digest) is not None:
             return await self.hosted.blob(digest)
-        return await self.mirrored.blob(digest)
+        try:
+            return await self.mirrored.blob(digest)
+        except UpstreamDenied as exc:
+            raise BlobUnknown(f"blob {digest} is not in {self.hosted.name} ({exc.message})",
+                              detail={"digest": str(digest)}) from exc
 
     def linked_size(self, digest: Digest) -> int | None:
         """The size of a blob linked in either repository."""
@@ -353,7 +358,11 @@ class DefaultRoute:
         """The hosted manifest, else the mirrored one."""
         with contextlib.suppress(ManifestUnknown, NameUnknown):
             return await self.hosted.manifest(reference)
-        return await self.mirrored.manifest(reference)
+        try:
+            return await self.mirrored.manifest(reference)
+        except UpstreamDenied as exc:
+            raise ManifestUnknown(f"manifest {reference[:200]} is not in {self.hosted.name} ({exc.message})",
+                                  detail={"name": self.hosted.name, "reference": reference[:200]}) from exc
 
     async def tags(self) -> list[str]:
         """The tags of both; NameUnknown only when neither exists."""
@@ -402,12 +411,12 @@ class DefaultRoute:
         manifest = Registry.parse_pushed(reference, body, content_type)
         blobs, children = self.hosted.registry.missing_references(self.hosted.name, manifest)
         for digest in blobs:
-            with contextlib.suppress(BlobUnknown):
+            with contextlib.suppress(BlobUnknown, UpstreamError):
                 await (await self.mirrored.blob(digest)).settle()
             if self.mirrored.linked_size(digest) is not None:
                 self.hosted.mount(digest)
         for digest in children:
-            with contextlib.suppress(ManifestUnknown, NameUnknown):
+            with contextlib.suppress(ManifestUnknown, NameUnknown, UpstreamError):
                 child = await self.mirrored.manifest(str(digest))
                 self.hosted.registry.metadata.link_manifest(self.hosted.name, child.digest, child.media_type)
         self.hosted.registry.push_manifest(self.hosted.name, reference, manifest)

@@ -203,9 +203,14 @@ class HostedHandlersTest(MirrorTestCase):
         self.assertEqual(self.request("HEAD", f"/v2/a/one/blobs/{sha256(data)}").code, 404)
 
     # blobs
-    def test_blob_head_describes_without_body(self):
+    def push_sixteen_bytes(self) -> Blob:
+        """Push a 16-byte blob to ``a/one``."""
         blob = Blob("application/octet-stream", b"0123456789abcdef")
         self.push_blob("a/one", blob)
+        return blob
+
+    def test_blob_head_describes_without_body(self):
+        blob = self.push_sixteen_bytes()
         response = self.request("HEAD", f"/v2/a/one/blobs/{blob.digest}")
         self.assertEqual(response.code, 200)
         self.assertEqual(response.headers["Content-Length"], "16")
@@ -213,24 +218,21 @@ class HostedHandlersTest(MirrorTestCase):
         self.assertEqual(response.body, b"")
 
     def test_blob_get_with_range_is_206(self):
-        blob = Blob("application/octet-stream", b"0123456789abcdef")
-        self.push_blob("a/one", blob)
+        blob = self.push_sixteen_bytes()
         response = self.request("GET", f"/v2/a/one/blobs/{blob.digest}", Range="bytes=2-5")
         self.assertEqual(response.code, 206)
         self.assertEqual(response.headers["Content-Range"], "bytes 2-5/16")
         self.assertEqual(response.body, b"2345")
 
     def test_blob_head_with_range_is_206(self):
-        blob = Blob("application/octet-stream", b"0123456789abcdef")
-        self.push_blob("a/one", blob)
+        blob = self.push_sixteen_bytes()
         response = self.request("HEAD", f"/v2/a/one/blobs/{blob.digest}", Range="bytes=10-")
         self.assertEqual(response.code, 206)
         self.assertEqual(response.headers["Content-Range"], "bytes 10-15/16")
         self.assertEqual(response.headers["Content-Length"], "6")
 
     def test_unsatisfiable_range_is_416(self):
-        blob = Blob("application/octet-stream", b"0123456789abcdef")
-        self.push_blob("a/one", blob)
+        blob = self.push_sixteen_bytes()
         response = self.request("GET", f"/v2/a/one/blobs/{blob.digest}", Range="bytes=16-20")
         self.assertEqual(response.code, 416)
         self.assertEqual(response.headers["Content-Range"], "bytes */16")

@@ -7,6 +7,7 @@ import functools
 import json
 import logging
 import re
+import urllib.parse
 from typing import Any
 
 import tornado.iostream
@@ -126,6 +127,11 @@ class BaseHandler(tornado.web.RequestHandler):
     def ns(self) -> str | None:
         """The upstream registry containerd names with ``?ns=``."""
         return self.get_query_argument("ns", None)
+
+    def location(self, path: str) -> str:
+        """``path`` as a ``Location``: with this request's ``?ns=``, so the next request reaches the same
+        repository."""
+        return f"{path}?{urllib.parse.urlencode({'ns': self.ns})}" if self.ns else path
 
     def get_current_user(self) -> str | None:
         """The authenticated user's name (Tornado's ``current_user``), None when anonymous."""
@@ -408,7 +414,7 @@ class UploadHandler(BaseHandler):
 
     def _created(self, name: str, digest: Digest) -> None:
         self.set_status(201)
-        self.set_header("Location", f"/v2/{name}/blobs/{digest}")
+        self.set_header("Location", self.location(f"/v2/{name}/blobs/{digest}"))
         self.set_header("Docker-Content-Digest", str(digest))
         self.set_header("Content-Length", "0")
         self.finish()
@@ -420,7 +426,7 @@ class UploadHandler(BaseHandler):
         self.finish()
 
     def _session_headers(self, name: str, session: str, size: int) -> None:
-        self.set_header("Location", f"/v2/{name}/blobs/uploads/{session}")
+        self.set_header("Location", self.location(f"/v2/{name}/blobs/uploads/{session}"))
         self.set_header("Range", f"0-{max(size - 1, 0)}")
         self.set_header("Docker-Upload-UUID", session)
 
@@ -468,7 +474,7 @@ class ManifestHandler(BaseHandler):
                                                       self.request.headers.get("Content-Type"))
         self.notify("push", self.repository.write_name, reference, manifest)
         self.set_status(201)
-        self.set_header("Location", f"/v2/{name}/manifests/{manifest.digest}")
+        self.set_header("Location", self.location(f"/v2/{name}/manifests/{manifest.digest}"))
         self.set_header("Docker-Content-Digest", str(manifest.digest))
         if manifest.subject is not None:
             self.set_header("OCI-Subject", str(manifest.subject))
