@@ -14,22 +14,19 @@ Rules are matched against the store repositories of the repository a request res
 repository of that name or by the upstream's (``docker.io/library/alpine``), so it needs read on both; with a
 path prefix or ``?ns=`` only the upstream's. Writes need write on the repository they land in.
 
-Tokens are JWTs signed with Ed25519 (``alg: EdDSA``) by a key generated on first start and kept in the store's
-state directory, so every worker process and every restart accepts them until they expire.
+Tokens are JWTs signed with Ed25519 (``alg: EdDSA``) by a key generated on first start and kept in the store as
+a secret, so every worker process and every restart accepts them until they expire.
 """
 from __future__ import annotations
 
 import base64
 import binascii
-import contextlib
 import datetime
 import fnmatch
 import hashlib
 import hmac
 import json
-import os
 import secrets
-import tempfile
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping
@@ -44,6 +41,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mirror import config
 from mirror.errors import ConfigError, Denied, NameInvalid, StorageError, Unauthorized
+from mirror.storage import Store
 from mirror.storage.paths import check_name
 
 PULL, PUSH, DELETE = "pull", "push", "delete"
@@ -219,12 +217,12 @@ class Auth:
         self.resolve = resolve
 
     @classmethod
-    def from_config(cls, settings: config.Auth, state: Path, resolve: Resolve) -> Auth:
-        """Load the htpasswd file and the signing key kept in ``state`` (generated on first start).
+    def from_config(cls, settings: config.Auth, store: Store, resolve: Resolve) -> Auth:
+        """Load the htpasswd file and the signing key kept in ``store`` (generated on first start).
 
         ``resolve(name, ns)`` is the repository a request name means (token scopes name repositories).
         """
-        tokens = Tokens(signing_key(state), settings.service, settings.token_ttl)
+        tokens = Tokens(signing_key(store), settings.service, settings.token_ttl)
         return cls(settings, Htpasswd.load(settings.htpasswd), tokens, resolve)
 
     # who is asking
@@ -321,33 +319,21 @@ class Auth:
         return f'{challenge},scope="{scope}"'
 
 
-def signing_key(state: Path) -> Ed25519PrivateKey:
-    """The token signing key in ``state/token.key``, generated (mode 0600) when there is none yet.
-
-    Worker processes starting together race to create it; the first link wins and all of them load that one.
-    """
-    path = state / KEY_FILE
+def signing_key(store: Store) -> Ed25519PrivateKey:
+    """The token signing key, the store's secret ``token.key``, generated when there is none yet (worker
+    processes starting together all get the one that was stored first)."""
     try:
-        if not path.exists():
-            state.mkdir(mode=0o700, parents=True, exist_ok=True)
-            pem = Ed25519PrivateKey.generate().private_bytes(
-                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-            fd, temporary = tempfile.mkstemp(dir=state, prefix=f".{KEY_FILE}.")
-            try:
-                with os.fdopen(fd, "wb") as file:
-                    file.write(pem)
-                    file.flush()
-                    os.fsync(file.fileno())
-                with contextlib.suppress(FileExistsError):
-                    os.link(temporary, path)
-            finally:
-                os.unlink(temporary)
-        key = serialization.load_pem_private_key(path.read_bytes(), password=None)
-    except (OSError, ValueError) as exc:
-        raise StorageError(f"cannot load or create the token signing key {path}: {exc}") from exc
+        key = serialization.load_pem_private_key(store.secret(KEY_FILE, _new_key), password=None)
+    except ValueError as exc:
+        raise StorageError(f"the store's token signing key {KEY_FILE} cannot be loaded: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
-        raise StorageError(f"{path} is not an Ed25519 private key")
+        raise StorageError(f"the store's token signing key {KEY_FILE} is not an Ed25519 private key")
     return key
+
+
+def _new_key() -> bytes:
+    return Ed25519PrivateKey.generate().private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
 
 
 def _access_detail(name: str, action: str) -> list[dict[str, str]]:

@@ -9,32 +9,24 @@ Distribution registry work unchanged. Actions: ``push`` (a manifest PUT), ``pull
 not a pull), ``delete`` (a manifest, tag or blob DELETE) and ``import`` (an image published by ``mirror bundle
 import``, an action of this appliance's own).
 
-Delivery is durable and at least once. Every event is first written to a queue on disk, one file per event and
-endpoint, atomically (a reader never sees half a file):
-
-    <root>/state/events/<endpoint key>/<time ns>-<event id>.json      key: sha256(endpoint url)[:16]
-
-so any process can append: the server for requests, ``mirror bundle import`` for imports. The server's sender
-delivers each endpoint's queue oldest first, up to BATCH events an envelope, and deletes the files once the
-endpoint answered 2xx. A failure is retried after a backoff that doubles from 1 s up to 5 min, per endpoint:
-a receiver that is down, or an appliance restart, loses nothing. A receiver may see an event twice (after a
-crash between its 2xx and the delete) and can tell by the event id. One sender runs per store (it holds an
-flock on ``state/events/.sender.lock``), however many server processes share the store.
+Delivery is durable and at least once. Every event is first appended to the store's durable queue of each
+endpoint it is for (``storage/queue.py``, named by the endpoint's URL), so any process can append: the server
+for requests, ``mirror bundle import`` for imports. The server's sender delivers each endpoint's queue oldest
+first, up to BATCH events an envelope, and removes them from the queue once the endpoint answered 2xx. A
+failure is retried after a backoff that doubles from 1 s up to 5 min, per endpoint: a receiver that is down,
+or an appliance restart, loses nothing. A receiver may see an event twice (after a crash between its 2xx and
+the removal) and can tell by the event id. One sender runs per store (it holds the queues' consumer lock),
+however many server processes share the store.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import datetime
-import fcntl
-import hashlib
 import json
 import logging
-import os
 import socket
-import time
 import uuid
-from pathlib import Path
 from typing import Any, Protocol
 
 import httpx
@@ -42,8 +34,8 @@ import httpx
 from mirror.config import Config, Endpoint
 from mirror.digest import Digest
 from mirror.errors import MirrorError
-from mirror.storage.filesystem import write_atomic
-from mirror.storage.paths import Layout
+from mirror.storage.filesystem import FileLock
+from mirror.storage.queue import Queues
 from mirror.upstream.client import USER_AGENT
 
 log = logging.getLogger("mirror.events")
@@ -74,16 +66,12 @@ class Request(Protocol):
 class Events:
     """Queues events for the endpoints subscribed to them and, in the server, delivers the queues."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, queues: Queues) -> None:
         self.endpoints = config.notifications
-        self.folder = Layout(config.storage.root).events
+        self.queues = queues
         self.source = {"addr": f"{socket.gethostname()}:{config.host_port[1]}", "instanceID": str(uuid.uuid4())}
         self._wake = {endpoint: asyncio.Event() for endpoint in self.endpoints}
         self._sender: asyncio.Task[None] | None = None
-
-    def queue(self, endpoint: Endpoint) -> Path:
-        """The folder of events waiting for ``endpoint``."""
-        return self.folder / hashlib.sha256(endpoint.url.encode()).hexdigest()[:16]
 
     def emit(self, action: str, repository: str, reference: str | None = None, content: Content | None = None,
              request: Request | None = None, actor: str | None = None) -> None:
@@ -93,10 +81,9 @@ class Events:
         if not endpoints:
             return
         event = self._event(action, repository, reference, content, request, actor)
-        data, name = json.dumps(event).encode(), f"{time.time_ns():020d}-{event['id']}.json"
         for endpoint in endpoints:
             try:
-                write_atomic(self.queue(endpoint) / name, data)
+                self.queues.put(endpoint.url, event)
             except MirrorError as exc:
                 log.error("lost a %s event for %s: %s", action, endpoint.url, exc.message)
                 continue
@@ -138,25 +125,19 @@ class Events:
             async with httpx.AsyncClient(trust_env=False, headers={"User-Agent": USER_AGENT}) as client:
                 await asyncio.gather(*(self._deliver(client, endpoint) for endpoint in self.endpoints))
         finally:
-            os.close(lock)
+            lock.release()
 
-    async def _lock(self) -> int:
-        """Wait until this process is the store's one sender; return the descriptor holding the lock."""
-        self.folder.mkdir(parents=True, exist_ok=True)
-        while True:
-            fd = os.open(self.folder / ".sender.lock", os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                return fd
-            except BlockingIOError:
-                os.close(fd)
-                await asyncio.sleep(POLL_SECONDS)
+    async def _lock(self) -> FileLock:
+        """Wait until this process is the store's one sender; return the lock it holds."""
+        while (lock := self.queues.consumer_lock()) is None:
+            await asyncio.sleep(POLL_SECONDS)
+        return lock
 
     async def _deliver(self, client: httpx.AsyncClient, endpoint: Endpoint) -> None:
         """Send ``endpoint``'s queue for as long as the server runs, backing off while the endpoint fails."""
         backoff, failures = 0.0, 0
         while True:
-            batch = self._pending(endpoint)
+            batch = self.queues.peek(endpoint.url, BATCH)
             if not batch:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake[endpoint].wait(), POLL_SECONDS)
@@ -164,8 +145,7 @@ class Events:
                 continue
             problem = await self._post(client, endpoint, [event for _, event in batch])
             if problem is None:
-                for path, _ in batch:
-                    path.unlink(missing_ok=True)
+                self.queues.remove(endpoint.url, [entry for entry, _ in batch])
                 if failures:
                     log.info("delivered events to %s after %d failed attempts", endpoint.url, failures)
                 backoff, failures = 0.0, 0
@@ -174,24 +154,6 @@ class Events:
             log.warning("could not deliver %d events to %s (%s); retrying in %.0fs",
                         len(batch), endpoint.url, problem, backoff)
             await asyncio.sleep(backoff)
-
-    def _pending(self, endpoint: Endpoint) -> list[tuple[Path, Any]]:
-        """The oldest queued events of ``endpoint`` (at most BATCH); an unreadable file is dropped."""
-        folder = self.queue(endpoint)
-        try:
-            names = sorted(name for name in os.listdir(folder) if name.endswith(".json") and name[0] != ".")
-        except FileNotFoundError:
-            return []
-        batch = []
-        for name in names[:BATCH]:
-            try:
-                batch.append((folder / name, json.loads((folder / name).read_bytes())))
-            except ValueError:
-                log.error("dropping unreadable event file %s", folder / name)
-                (folder / name).unlink(missing_ok=True)
-            except FileNotFoundError:
-                continue
-        return batch
 
     @staticmethod
     async def _post(client: httpx.AsyncClient, endpoint: Endpoint, events: list[Any]) -> str | None:

@@ -166,7 +166,7 @@ class FetchFollower:
         fd = fetch.reader()
         try:
             while end is None or position < end:
-                ready = self._releasable()
+                ready = self._releasable(end)
                 if position < ready:
                     limit = ready if end is None else min(ready, end)
                     chunk = fetch.read(fd, position, min(CHUNK, limit - position))
@@ -188,13 +188,15 @@ class FetchFollower:
         if self.fetch.error is not None:
             raise self.fetch.error
 
-    def _releasable(self) -> int:
-        """How many bytes may be sent: all once verified, before that all but the blob's last byte (a size
-        known up front keeps that from splitting every chunk)."""
+    def _releasable(self, end: int | None) -> int:
+        """How many bytes may be sent: all once verified; before that, all but the last byte the client asked
+        for, so no client completes a transfer (a whole blob or a range) of bytes that may yet fail to verify.
+        A size known up front keeps that from splitting every chunk."""
         fetch = self.fetch
         if fetch.done:
             return fetch.available
-        return min(fetch.available, (fetch.available if fetch.size is None else fetch.size) - 1)
+        last = end if end is not None else fetch.size if fetch.size is not None else fetch.available
+        return min(fetch.available, last - 1)
 
 
 class Fetcher:
@@ -251,9 +253,9 @@ class Fetcher:
                 await confirm()
                 self.store.access.touch(digest)
                 return StoredBlob(self.store, digest, size, HIT)
-            claim = FetchClaim.take(self.store.layout, digest)
+            claim = self.store.claim_fetch(digest)
             if claim is None:  # another worker process is fetching it
-                foreign = await ForeignFetch.join(self.store.layout, digest)
+                foreign = await self.store.join_fetch(digest)
                 if foreign is not None:
                     await confirm()
                     return FetchFollower(foreign)

@@ -20,8 +20,6 @@ imports nobody reran for that long. It is safe while ``mirror serve`` runs:
 from __future__ import annotations
 
 import contextlib
-import os
-import shutil
 import time
 from dataclasses import dataclass, field
 
@@ -29,17 +27,16 @@ from mirror import manifest as manifests
 from mirror import storage
 from mirror.config import Config
 from mirror.digest import Digest
-from mirror.errors import ConfigError, MirrorError
+from mirror.errors import BlobUnknown, ConfigError, MirrorError
 from mirror.registry import Registry
-from mirror.storage.filesystem import digests_in
 from mirror.storage.pins import Pins
 
 
 def run(config: Config, dry_run: bool = False, untagged: bool = False) -> int:
     """``mirror gc``: collect the store of ``config``; print what was (or would be) freed."""
     root = config.storage.root
-    if not root.is_dir():
-        raise ConfigError("storage.root", f"{root} does not exist")
+    if not storage.exists(root):
+        raise ConfigError("storage.root", f"there is no store at {root}")
     store = storage.open(root)
     collector = Collector(Registry(store), store.pins, config.storage.gc_grace, config.storage.upload_expiry)
     report = collector.collect(dry_run=dry_run, untagged=untagged)
@@ -98,7 +95,7 @@ class Collector:
         self.registry = registry
         self.metadata = registry.metadata
         self.blobs = registry.blobs
-        self.layout = registry.blobs.layout
+        self.imports = registry.store.imports
         self.pins = pins
         self.grace = grace
         self.upload_expiry = upload_expiry
@@ -119,20 +116,8 @@ class Collector:
             report.blobs = self._delete(trashed, self._mark_new(seen, report))
         report.kept = total - len(report.blobs)
         report.uploads = self.registry.expire_uploads(self.upload_expiry, dry_run)
-        report.imports = self._expire_imports(dry_run)
+        report.imports = self.imports.expire(self.upload_expiry, dry_run)  # imports nobody reran for that long
         return report
-
-    def _expire_imports(self, dry_run: bool) -> dict[str, int]:
-        """Staging stores of bundle imports untouched for ``upload_expiry`` (never rerun), with their sizes."""
-        cutoff, expired = time.time() - self.upload_expiry, {}
-        with contextlib.suppress(FileNotFoundError):
-            for folder in self.layout.imports.iterdir():
-                files = [path for path in folder.rglob("*") if path.is_file()]
-                if max(path.stat().st_mtime for path in [folder, *files]) < cutoff:
-                    expired[folder.name] = sum(path.stat().st_size for path in files)
-                    if not dry_run:
-                        shutil.rmtree(folder, ignore_errors=True)
-        return expired
 
     # mark
     def _mark(self, untagged: bool, dry_run: bool, report: Report) -> tuple[set[tuple[str, Digest]], set[Digest]]:
@@ -156,7 +141,7 @@ class Collector:
         tagged = {self.metadata.resolve_tag(name, tag) for tag in self.metadata.tags(name)}
         cutoff = time.time() - self.grace
         return {digest for digest in linked if digest in tagged or self.pins.is_pinned(digest)
-                or _changed(self.layout.manifest_link(name, digest)) > cutoff}
+                or self.metadata.manifest_link_changed(name, digest) > cutoff}
 
     def _walk(self, name: str, roots: set[Digest], linked: set[Digest], marked: set[Digest],
               report: Report) -> set[Digest]:
@@ -179,11 +164,9 @@ class Collector:
     def _read(self, name: str, digest: Digest, report: Report) -> manifests.Manifest | None:
         """Manifest ``digest`` of ``name``, also while it sits in the trash; None (and a problem) if unreadable."""
         media_type = self.metadata.manifest_media_type(name, digest)
-        for path in (self.layout.blob(digest), self.layout.trashed(digest)):
-            with contextlib.suppress(OSError):
-                body = path.read_bytes()
-                break
-        else:
+        try:
+            body = self.blobs.read_any(digest)
+        except BlobUnknown:
             report.problems.append(f"manifest {name}@{digest} has no bytes in the store")
             return None
         try:
@@ -207,13 +190,13 @@ class Collector:
         pinned = set(self.pins.all())
         found: dict[Digest, int] = {}
         for digest in self.blobs.iter():
-            if digest in marked or digest in pinned or _changed(self.layout.blob(digest)) > cutoff:
+            if digest in marked or digest in pinned or self.blobs.changed(digest) > cutoff:
                 continue
             size = self.blobs.stat(digest)
             if size is not None:
                 found[digest] = size
         for name in self.metadata.repositories():
-            for digest in [d for d in found if _changed(self.layout.blob_link(name, d)) > cutoff]:
+            for digest in [d for d in found if self.metadata.blob_link_changed(name, d) > cutoff]:
                 del found[digest]
         return found
 
@@ -221,14 +204,11 @@ class Collector:
         """Move the candidates out of ``blobs/``; put back any that a push wrote again meanwhile."""
         trashed: dict[Digest, int] = {}
         for digest, size in candidates.items():
-            target = self.layout.trashed(digest)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                os.replace(self.layout.blob(digest), target)
-            except FileNotFoundError:
+            written = self.blobs.trash(digest)
+            if written is None:
                 continue
-            if os.stat(target).st_mtime > cutoff:
-                self._restore(digest)
+            if written > cutoff:
+                self.blobs.restore(digest)
             else:
                 trashed[digest] = size
         return trashed
@@ -238,34 +218,16 @@ class Collector:
         deleted: dict[Digest, int] = {}
         for digest, size in trashed.items():
             if digest in needed:
-                self._restore(digest)
+                self.blobs.restore(digest)
             else:
-                self.layout.trashed(digest).unlink(missing_ok=True)
+                self.blobs.purge(digest)
                 deleted[digest] = size
         for name in self.metadata.repositories():
             for digest in deleted:
                 self.metadata.unlink_blob(name, digest)
         return deleted
 
-    def _restore(self, digest: Digest) -> None:
-        """Put a trashed blob back, unless the same bytes were committed again meanwhile."""
-        source, target = self.layout.trashed(digest), self.layout.blob(digest)
-        if target.exists():
-            source.unlink(missing_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
-
     def _restore_all_trash(self) -> None:
         """Undo what a collection that died halfway left in the trash."""
-        for digest in list(digests_in(self.layout.trash)):
-            self._restore(digest)
-
-
-def _changed(path: os.PathLike[str]) -> float:
-    """When ``path`` was last written or renamed into place (0 when it does not exist)."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return 0.0
-    return max(stat.st_mtime, stat.st_ctime)
+        for digest in list(self.blobs.trashed()):
+            self.blobs.restore(digest)

@@ -1,4 +1,4 @@
-"""Observability: Prometheus metrics, the store's readiness, and one structured log line per request.
+"""Observability: Prometheus metrics and one structured log line per request.
 
 A request is observed once, when it finishes (Tornado's ``log_function`` calls ``RequestLog.finished``): one
 access log line, and the request, byte and cache counters. Handlers only note what they alone know, the body
@@ -20,10 +20,7 @@ import datetime
 import json
 import logging
 import time
-import uuid
 from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TextIO
 
 import httpx
@@ -31,7 +28,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from mirror import storage
+from mirror.storage import Store, StoreStats
 from mirror.upstream.client import upstream_transport
 
 access_log = logging.getLogger("mirror.access")
@@ -44,7 +41,7 @@ class Metrics:
 
     content_type = CONTENT_TYPE_LATEST
 
-    def __init__(self, store_root: Path | None = None) -> None:
+    def __init__(self, store: Store | None = None) -> None:
         self.registry = CollectorRegistry()
         metric = {"registry": self.registry}
         self.requests = Counter("mirror_http_requests", "Requests answered, by route (handler), method and status",
@@ -64,7 +61,7 @@ class Metrics:
                                   ["upstream"], **metric)
         self.upstream_errors = Counter("mirror_upstream_errors", "Upstream requests that failed, by reason "
                                        "(timeout, connection, http_429, http_5xx)", ["upstream", "reason"], **metric)
-        self.store = StoreCollector(store_root) if store_root is not None else None
+        self.store = StoreCollector(store) if store is not None else None
         if self.store is not None:
             self.registry.register(self.store)
 
@@ -95,28 +92,18 @@ class Metrics:
         return generate_latest(self.registry)
 
 
-@dataclass(frozen=True)
-class StoreStats:
-    """What the store holds, from one walk."""
-
-    blobs: int = 0
-    blob_bytes: int = 0
-    pinned: int = 0
-    pinned_bytes: int = 0
-
-
 class StoreCollector(Collector):
     """Gauges of the store's blobs and pinned (imported) blobs, from a walk redone at most once a minute."""
 
-    def __init__(self, root: Path) -> None:
-        self.root = root
+    def __init__(self, store: Store) -> None:
+        self.store = store
         self.stats = StoreStats()
         self._walked = -STORE_STATS_SECONDS
 
     def refresh(self) -> None:
         """Walk the store again if the last walk is over a minute old."""
         if time.monotonic() - self._walked >= STORE_STATS_SECONDS:
-            self.stats = walk_store(self.root)
+            self.stats = self.store.stats()
             self._walked = time.monotonic()
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
@@ -127,26 +114,6 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_store_pinned_blobs", "Pinned blobs (imported from bundles, never evicted)",
                                 stats.pinned)
         yield GaugeMetricFamily("mirror_store_pinned_bytes", "Bytes of pinned blobs", stats.pinned_bytes)
-
-
-def walk_store(root: Path) -> StoreStats:
-    """Count the blobs and pinned blobs under ``root`` and their bytes."""
-    store = storage.open(root)
-    sizes = [size for size in map(store.blobs.stat, store.blobs.iter()) if size is not None]
-    pinned = [size for size in map(store.blobs.stat, store.pins.all()) if size is not None]
-    return StoreStats(len(sizes), sum(sizes), len(pinned), sum(pinned))
-
-
-def ready_problem(state: Path) -> str | None:
-    """Why the store under ``state`` cannot take writes, or None when a file can be created and removed there."""
-    probe = state / f".ready-{uuid.uuid4().hex}"
-    try:
-        state.mkdir(parents=True, exist_ok=True)
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        return f"store is not writable: {exc.strerror or exc} ({state})"
-    return None
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):

@@ -95,18 +95,22 @@ def build(config: Config, activity: Activity | None = None, metrics: Metrics | N
     """Open the store and wire the repositories and the upstream fetches for ``config``."""
     store = storage.open(config.storage.root)
     registry = Registry(store)
-    metrics = metrics or Metrics(config.storage.root)
+    metrics = metrics or Metrics(store)
     fetcher = Fetcher(config, store, metrics,
                       lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)))
     repositories = Repositories(config, registry, fetcher)
-    auth = None if config.auth is None else Auth.from_config(config.auth, store.layout.auth, repositories.resolve)
-    return Appliance(config, registry, fetcher, repositories, activity or Activity(), metrics, Events(config), auth)
+    auth = None if config.auth is None else Auth.from_config(config.auth, store, repositories.resolve)
+    events = Events(config, store.queues)
+    return Appliance(config, registry, fetcher, repositories, activity or Activity(), metrics, events, auth)
 
 
 def listen_sockets(config: Config) -> list[socket.socket]:
     """Bind the configured address (done before forking so workers share the sockets)."""
     host, port = config.host_port
-    return tornado.netutil.bind_sockets(port, host or None, reuse_port=False)
+    try:
+        return tornado.netutil.bind_sockets(port, host or None, reuse_port=False)
+    except OSError as exc:  # in use, not an address of this host, a privileged port...
+        raise MirrorError(f"cannot listen on {config.listen}: {(exc.strerror or str(exc)).lower()}") from exc
 
 
 def ssl_context(config: Config) -> ssl.SSLContext | None:
@@ -300,6 +304,15 @@ def serve(config: Config, config_path: str | None = None, environ: Mapping[str, 
     configure_logging(sys.stderr)
     keep_freed_chunks()
     environ = environ or {}
+    try:  # here, before any worker starts: a store that cannot be used ends the command with one line
+        store = storage.open(config.storage.root)
+    except OSError as exc:
+        raise MirrorError(f"cannot open the store {config.storage.root}: {(exc.strerror or str(exc)).lower()}") from exc
+    problem = store.writable_problem()
+    store.close()
+    if problem:
+        raise MirrorError(f"cannot use the store {config.storage.root}: {problem}")
+    ssl_context(config)  # likewise a certificate and key that do not fit
     sockets = listen_sockets(config)
     notifier = systemd.Notifier.from_environ(environ)
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 import base64
 import json
 import signal
-import stat
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -13,9 +12,9 @@ import httpx
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from mirror import config
+from mirror import config, storage
 from mirror.auth import Auth, Caller, Htpasswd, Rules, Scope, Tokens, signing_key
-from mirror.errors import ConfigError, Denied, Unauthorized
+from mirror.errors import ConfigError, Denied, StorageError, Unauthorized
 from tests.images import BearerAuth, basic_authorization, build_image, parse_challenge, push, write_oci_layout
 from tests.peers import MirrorProcess
 
@@ -64,7 +63,7 @@ def htpasswd(tmp_path):
 
 @pytest.fixture
 def auth(htpasswd, tmp_path):
-    return Auth.from_config(settings(htpasswd), tmp_path / "state", hosted_only)
+    return Auth.from_config(settings(htpasswd), storage.open(tmp_path / "store"), hosted_only)
 
 
 def basic(user: str, password: str | None = None) -> str:
@@ -140,11 +139,17 @@ def test_tokens_round_trip_and_refuse_tampering_expiry_and_foreign_keys():
         tokens.verify(expired)
 
 
-def test_signing_key_is_generated_once_private_and_reused(tmp_path):
-    first = signing_key(tmp_path / "auth")
-    assert stat.S_IMODE((tmp_path / "auth" / "token.key").stat().st_mode) == 0o600
-    assert [path.name for path in (tmp_path / "auth").iterdir()] == ["token.key"]
-    assert signing_key(tmp_path / "auth").public_key() == first.public_key()
+def test_signing_key_is_generated_once_and_kept_in_the_store(tmp_path):
+    first = signing_key(storage.open(tmp_path / "store"))
+    assert signing_key(storage.open(tmp_path / "store")).public_key() == first.public_key()
+    assert b"PRIVATE KEY" in storage.open(tmp_path / "store").secret("token.key", lambda: pytest.fail("made again"))
+
+
+def test_a_damaged_signing_key_is_a_storage_error(tmp_path):
+    store = storage.open(tmp_path / "store")
+    store.secret("token.key", lambda: b"not a key")
+    with pytest.raises(StorageError, match="token signing key"):
+        signing_key(store)
 
 
 # decisions
@@ -189,14 +194,14 @@ def test_bearer_tokens_grant_only_their_scope_and_only_what_the_rules_allow(auth
 def test_tokens_of_users_removed_from_htpasswd_stop_working(auth, htpasswd, tmp_path):
     token = auth.token(Caller("carol"), ["repository:team/app:pull"])["token"]
     write_htpasswd(htpasswd, {"alice": "alice-secret"})
-    reloaded = Auth.from_config(settings(htpasswd), tmp_path / "state", hosted_only)
+    reloaded = Auth.from_config(settings(htpasswd), storage.open(tmp_path / "store"), hosted_only)
     with pytest.raises(Unauthorized):
         authorize(reloaded, f"Bearer {token}", "GET", "team/app", None)
 
 
 def test_pulls_through_the_default_upstream_need_read_on_hosted_and_upstream_names(htpasswd, tmp_path):
     rules = (config.AccessRule("docker.io/*", ("anonymous",), ()), config.AccessRule("*", (), ()))
-    auth = Auth.from_config(config.Auth(htpasswd, access=rules), tmp_path / "state", default_upstream)
+    auth = Auth.from_config(config.Auth(htpasswd, access=rules), storage.open(tmp_path / "store"), default_upstream)
     assert authorize(auth, None, "GET", "library/alpine", "docker.io").user is None
     assert authorize(auth, None, "GET", "docker.io/library/alpine", None).user is None
     with pytest.raises(Unauthorized):  # may be served by a hosted library/alpine, which anonymous may not read
@@ -208,7 +213,7 @@ def test_challenge_names_realm_service_and_scope(auth, htpasswd, tmp_path):
     assert challenge == {"realm": "http://mirror.example:5000/token", "service": "mirror",
                          "scope": "repository:team/app:pull,push"}
     configured = Auth.from_config(settings(htpasswd, realm="https://login.example/token", service="reg"),
-                                  tmp_path / "state", hosted_only)
+                                  storage.open(tmp_path / "store"), hosted_only)
     assert configured.challenge("http://x", "GET", None) == 'Bearer realm="https://login.example/token",service="reg"'
 
 

@@ -125,6 +125,7 @@ def test_health_and_readiness(tmp_path):
         assert httpx.get(f"{mirror.url}/readyz").status_code == 200
     assert unready.status_code == 503
     assert unready.json()["status"] == "unready" and "not writable" in unready.json()["reason"]
+    assert str(tmp_path) not in unready.json()["reason"]
 
 
 def access_lines(mirror: MirrorProcess, marker: str) -> list[dict]:

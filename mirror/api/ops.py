@@ -10,7 +10,7 @@ from typing import Any
 
 from mirror.api.handlers import BaseHandler
 from mirror.config import Config
-from mirror.metrics import Metrics, ready_problem
+from mirror.metrics import Metrics
 
 
 class OpsHandler(BaseHandler):
@@ -50,8 +50,8 @@ class ReadyHandler(OpsHandler):
     the server does not start without one, and a failed reload keeps the running one)."""
 
     async def get(self) -> None:
-        """Check that a file can be created and removed under ``state/``."""
-        problem = await asyncio.to_thread(ready_problem, self.registry.store.layout.state)
+        """Check that the store takes writes (the reason names no path)."""
+        problem = await asyncio.to_thread(self.registry.store.writable_problem)
         if problem is not None:
             self.set_status(503)
         self.write_json({"status": "ready" if problem is None else "unready", "reason": problem,

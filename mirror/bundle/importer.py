@@ -4,17 +4,15 @@ Order, so that a client never sees half an image and a failure changes nothing i
 
 1. the signature is checked (when keys are trusted) and a delta's base blobs are looked up in the store;
    either failing refuses the bundle before anything is written;
-2. every blob streams from the tar into a staging store (``state/imports/<bundle id>``), its digest and
-   size verified on commit; blobs the store or the staging store already hold are skipped, so a rerun
+2. every blob streams from the tar into the store's staging store for this bundle (``store.imports``), its
+   digest and size verified on commit; blobs the store or the staging store already hold are skipped, so a rerun
    after a kill resumes without rewriting them; a bad blob discards the staging store. Layout indexes
    (FORMAT.md), which only the OCI layout view needs, are not imported;
-3. staged blobs are renamed into the store (same file system: no copy);
+3. staged blobs are promoted into the store (on the local disk a rename: no copy);
 4. per image, manifests and blob links are written, everything is pinned, and the tag comes last.
 """
 from __future__ import annotations
 
-import os
-import shutil
 import sys
 from collections.abc import Sequence
 from typing import BinaryIO
@@ -31,7 +29,7 @@ from mirror.errors import BundleError, BundleInvalid, DigestInvalid
 from mirror.events import Events
 from mirror.reference import Reference
 from mirror.registry import Registry
-from mirror.storage.filesystem import FilesystemBlobStore
+from mirror.storage import BlobStore
 from mirror.storage.pins import Pins
 
 
@@ -54,41 +52,39 @@ class Importer:
 
     def __init__(self, config: Config, bundle: Bundle, bundle_id: Digest):
         self.bundle = bundle
-        self.root = config.storage.root
+        self.config = config
         self.bundle_id = bundle_id
-        self.events = Events(config)
         layout_only = {image.layout_index for image in bundle.images} - {image.digest for image in bundle.images}
         self.blobs = [blob for blob in bundle.blobs if blob.digest not in layout_only]
 
     def run(self, archive: BundleArchive) -> None:
         """Check the base, stage and verify every blob, move them into the store, publish the images."""
-        opened = storage.open(self.root) if storage.exists(self.root) else None
+        root = self.config.storage.root
+        opened = storage.open(root) if storage.exists(root) else None
         missing = [blob for blob in self.blobs
                    if blob.in_base and (opened is None or opened.blobs.stat(blob.digest) != blob.size)]
         if missing:
             raise BundleInvalid(f"the base of this delta is not in the store: {len(missing)} blobs missing: "
                                 + ", ".join(str(blob.digest) for blob in missing))
-        opened = opened or storage.open(self.root)
-        store = opened.blobs
-        staging_root = store.layout.import_staging(self.bundle_id.hex[:32])
-        staging = FilesystemBlobStore(staging_root)
+        opened = opened or storage.open(root)
+        key = self.bundle_id.hex[:32]
+        staging = opened.imports.staging(key)
         try:
-            written, skipped = self._stage(archive, store, staging)
-            self._check(store, staging)
+            written, skipped = self._stage(archive, opened.blobs, staging)
+            self._check(opened.blobs, staging)
         except BundleError:
-            shutil.rmtree(staging_root, ignore_errors=True)
+            opened.imports.discard(key)
             raise
         for blob in self.blobs:
-            _promote(staging, store, blob.digest)
-        registry, pins = Registry(opened), opened.pins
+            opened.imports.promote(staging, blob.digest)
+        registry, events = Registry(opened), Events(self.config, opened.queues)
         for image in self.bundle.images:
-            self._publish(registry, pins, image)
-        shutil.rmtree(staging_root, ignore_errors=True)
+            self._publish(registry, opened.pins, events, image)
+        opened.imports.discard(key)
         print(f"imported {len(self.bundle.images)} images: {written} blobs written, {skipped} already present "
               f"(bundle id {self.bundle_id})")
 
-    def _stage(self, archive: BundleArchive, store: FilesystemBlobStore,
-               staging: FilesystemBlobStore) -> tuple[int, int]:
+    def _stage(self, archive: BundleArchive, store: BlobStore, staging: BlobStore) -> tuple[int, int]:
         expected = {blob.digest: blob for blob in self.blobs if not blob.in_base}
         written = skipped = 0
         with Progress("import", sum(blob.size for blob in expected.values())) as progress:
@@ -105,7 +101,7 @@ class Importer:
                     written += 1
         return written, skipped
 
-    def _check(self, store: FilesystemBlobStore, staging: FilesystemBlobStore) -> None:
+    def _check(self, store: BlobStore, staging: BlobStore) -> None:
         missing = [blob for blob in self.blobs
                    if blob.size not in (store.stat(blob.digest), staging.stat(blob.digest))]
         if missing:
@@ -120,7 +116,7 @@ class Importer:
         if problems:
             raise BundleInvalid("; ".join(problems))
 
-    def _publish(self, registry: Registry, pins: Pins, image: ImageEntry) -> None:
+    def _publish(self, registry: Registry, pins: Pins, events: Events, image: ImageEntry) -> None:
         """Store the image's manifests and links, pin its blobs, then tag it."""
         ref = Reference.parse(image.reference, None)
         name = ref.store_name
@@ -132,7 +128,7 @@ class Importer:
                 registry.metadata.tag(name, referrer.tag, referrer.digest)
         if ref.tag:
             registry.metadata.tag(name, ref.tag, image.digest)
-        self.events.emit("import", name, ref.tag, registry.get_manifest(name, str(image.digest)))
+        events.emit("import", name, ref.tag, registry.get_manifest(name, str(image.digest)))
         print(f"{image.reference}: {image.digest} published as {name}" + (f":{ref.tag}" if ref.tag else ""))
 
     def _store_manifest(self, registry: Registry, pins: Pins, name: str, digest: Digest, media_type: str) -> None:
@@ -148,7 +144,7 @@ class Importer:
         pins.pin(digest)
 
 
-def _stage_blob(archive: BundleArchive, staging: FilesystemBlobStore, blob: BlobEntry, file: BinaryIO,
+def _stage_blob(archive: BundleArchive, staging: BlobStore, blob: BlobEntry, file: BinaryIO,
                 progress: Progress) -> None:
     """Stream one member into the staging store; raise BundleInvalid naming the blob when it is wrong."""
     writer = staging.writer()
@@ -168,12 +164,3 @@ def _stage_blob(archive: BundleArchive, staging: FilesystemBlobStore, blob: Blob
         writer.cancel()
         raise
 
-
-def _promote(staging: FilesystemBlobStore, store: FilesystemBlobStore, digest: Digest) -> None:
-    """Move a verified staged blob into the store by a rename (atomic, no copy)."""
-    source = staging.layout.blob(digest)
-    if not source.exists():
-        return
-    target = store.layout.blob(digest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    os.replace(source, target)

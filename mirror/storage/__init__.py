@@ -1,5 +1,5 @@
-"""The store: content-addressed blob bytes, repository metadata, pins and the access index, opened by ``open``."""
+"""The store, opened by ``open``: blob bytes, repository metadata, pins, access index, import staging, queues."""
 from mirror.storage.base import BlobStore, BlobWriter
-from mirror.storage.store import Store, exists, open
+from mirror.storage.store import Store, StoreStats, exists, open
 
-__all__ = ["BlobStore", "BlobWriter", "Store", "exists", "open"]
+__all__ = ["BlobStore", "BlobWriter", "Store", "StoreStats", "exists", "open"]

@@ -35,6 +35,9 @@ class BlobStore(Protocol):
     def open(self, digest: Digest, offset: int = 0) -> BinaryIO:
         """A binary file of the blob positioned at ``offset``; raise BlobUnknown when absent."""
 
+    def read(self, digest: Digest) -> bytes:
+        """The whole blob (for small ones: manifests, configs); raise BlobUnknown when absent."""
+
     def writer(self, session: str | None = None) -> BlobWriter:
         """A new writer, or the resumed writer of an existing ``session``."""
 

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import json
 import os
 from pathlib import Path
 
 from mirror.digest import Digest
 from mirror.errors import UpstreamUnavailable
-from mirror.storage.filesystem import write_atomic
+from mirror.storage.filesystem import FileLock, write_atomic
 from mirror.storage.paths import Layout
 
 FOREIGN_POLL = 0.01  # seconds between looks at a fetch another worker process is doing
@@ -29,21 +28,15 @@ class FetchClaim:
     lock file and unlocks, so a worker that gets the lock next finds the blob in the store.
     """
 
-    def __init__(self, lock: Path, note: Path, fd: int):
-        self.lock, self.note, self._fd = lock, note, fd
+    def __init__(self, lock: Path, note: Path, held: FileLock):
+        self.lock, self.note, self._held = lock, note, held
 
     @classmethod
     def take(cls, layout: Layout, digest: Digest) -> FetchClaim | None:
         """The claim on ``digest``, or None while another process holds it."""
         lock, note = layout.fetch_claim(digest)
-        lock.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            return None
-        return cls(lock, note, fd)
+        held = FileLock.take(lock)
+        return None if held is None else cls(lock, note, held)
 
     @staticmethod
     def held(layout: Layout, digest: Digest) -> bool:
@@ -63,7 +56,7 @@ class FetchClaim:
         for path in (self.note, self.lock):
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        os.close(self._fd)
+        self._held.release()
 
 
 class ForeignFetch:
@@ -108,10 +101,21 @@ class ForeignFetch:
         self._refresh()
 
     def _refresh(self) -> None:
-        committed = self.layout.blob(self.digest).exists()  # before the size: a committed file is complete
+        if self.done or self.error is not None:
+            return
+        committed = self._committed()  # before the size: a committed file is complete
         if not committed and not FetchClaim.held(self.layout, self.digest):
-            committed = self.layout.blob(self.digest).exists()
-            if not committed:
+            committed = self._committed()
+            if not committed:  # gave up, or failed and another fetch committed the blob from other bytes
                 self.error = UpstreamUnavailable(f"the worker fetching {self.digest} gave up")
         self.available = os.fstat(self._fd).st_size
         self.done = committed  # committed, hence verified: the file we follow is the blob now
+
+    def _committed(self) -> bool:
+        """Whether the file followed is the committed blob itself (not a failed fetch's session file)."""
+        try:
+            blob = os.stat(self.layout.blob(self.digest))
+        except FileNotFoundError:
+            return False
+        ours = os.fstat(self._fd)
+        return (blob.st_dev, blob.st_ino) == (ours.st_dev, ours.st_ino)

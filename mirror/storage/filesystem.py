@@ -1,15 +1,21 @@
 """Blob store on a local file system: temp file, streaming digest, fsync, verify, ``os.replace``.
 
 A blob becomes visible only by the final rename, so a crash never leaves a partial blob in ``blobs/``.
-Writers live in ``uploads/<session>/`` and can be resumed by any process that shares the store.
+Writers live in ``uploads/<session>/`` and can be resumed by any process that shares the store. The garbage
+collector's trash (``state/gc-trash/``) is a second folder of blobs that readers do not see.
+
+Also the file primitives the rest of the store is made of: atomic and create-once writes, digest folders,
+change times and ``flock`` locks.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import errno
+import fcntl
 import os
 import shutil
+import tempfile
 import threading
 import uuid
 from collections.abc import Callable, Iterator
@@ -47,6 +53,54 @@ def write_atomic(path: Path, data: bytes, durable: bool = True) -> None:
         with contextlib.suppress(OSError):
             temp.unlink()
         raise storage_error(exc) from exc
+
+
+def write_once(path: Path, data: bytes) -> None:
+    """Create ``path`` with ``data``, durably and readable by this user only, unless it exists already: of
+    processes racing to create it, the first link wins and the others leave it be."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as file:
+            file.write(data)
+            file.flush()
+            os.fsync(file.fileno())
+        with contextlib.suppress(FileExistsError):
+            os.link(temporary, path)
+    finally:
+        os.unlink(temporary)
+
+
+def changed(path: Path) -> float:
+    """When ``path`` was last written or renamed into place (0 when it does not exist)."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return 0.0
+    return max(stat.st_mtime, stat.st_ctime)
+
+
+class FileLock:
+    """An exclusive ``flock`` on a file, held by this process until ``release`` (or its end)."""
+
+    def __init__(self, fd: int):
+        self._fd = fd
+
+    @classmethod
+    def take(cls, path: Path) -> FileLock | None:
+        """The lock on ``path`` (created if need be), or None while another process holds it."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        return cls(fd)
+
+    def release(self) -> None:
+        """Let the lock go."""
+        os.close(self._fd)
 
 
 def digests_in(folder: Path) -> Iterator[Digest]:
@@ -287,6 +341,10 @@ class FilesystemBlobStore:
         with self.open(digest) as file:
             return file.read()
 
+    def changed(self, digest: Digest) -> float:
+        """When blob ``digest`` was last written or renamed into place (0 when absent)."""
+        return changed(self.layout.blob(digest))
+
     def writer(self, session: str | None = None, repository: str | None = None) -> FileBlobWriter:
         """A new writer (recording ``repository``), or the resumed writer of ``session``."""
         if session is None:
@@ -343,6 +401,42 @@ class FilesystemBlobStore:
         """Remove the blob's bytes."""
         with contextlib.suppress(FileNotFoundError):
             self.layout.blob(digest).unlink()
+
+    # the garbage collector's trash
+    def trash(self, digest: Digest) -> float | None:
+        """Move blob ``digest`` into the trash, where readers no longer find it; return when its bytes were last
+        written, or None when it is not in the store."""
+        target = self.layout.trashed(digest)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.replace(self.layout.blob(digest), target)
+        except FileNotFoundError:
+            return None
+        return os.stat(target).st_mtime
+
+    def restore(self, digest: Digest) -> None:
+        """Put trashed blob ``digest`` back, unless the same bytes were committed again meanwhile."""
+        source, target = self.layout.trashed(digest), self.layout.blob(digest)
+        if target.exists():
+            source.unlink(missing_ok=True)
+        else:
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(source, target)
+
+    def purge(self, digest: Digest) -> None:
+        """Delete trashed blob ``digest`` for good."""
+        self.layout.trashed(digest).unlink(missing_ok=True)
+
+    def trashed(self) -> Iterator[Digest]:
+        """Every blob in the trash."""
+        return digests_in(self.layout.trash)
+
+    def read_any(self, digest: Digest) -> bytes:
+        """The whole blob, also while it is in the trash; raise BlobUnknown when it is in neither."""
+        for path in (self.layout.blob(digest), self.layout.trashed(digest)):
+            with contextlib.suppress(OSError):
+                return path.read_bytes()
+        raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)})
 
     def iter(self) -> Iterator[Digest]:
         """Every blob in the store."""

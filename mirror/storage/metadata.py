@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.digest import Digest
-from mirror.storage.filesystem import digests_in, write_atomic
+from mirror.storage.filesystem import changed, digests_in, write_atomic
 from mirror.storage.paths import NAME_PATTERN, TAG_PATTERN, Layout
 
 MARKERS = ("_manifests", "_blobs", "_tags")
@@ -40,6 +40,10 @@ class Metadata:
     def blobs(self, name: str) -> Iterator[Digest]:
         """Every blob digest linked in ``name``."""
         yield from digests_in(self.layout.repository(name) / "_blobs")
+
+    def blob_link_changed(self, name: str, digest: Digest) -> float:
+        """When ``name`` linked blob ``digest`` (0 when it does not link it)."""
+        return changed(self.layout.blob_link(name, digest))
 
     def unlink_blob(self, name: str, digest: Digest) -> bool:
         """Stop ``name`` serving blob ``digest``; return whether it did."""
@@ -71,6 +75,10 @@ class Metadata:
             return self.layout.manifest_link(name, digest).read_text()
         except OSError:
             return None
+
+    def manifest_link_changed(self, name: str, digest: Digest) -> float:
+        """When manifest ``digest`` was last linked in ``name`` (0 when it is not there)."""
+        return changed(self.layout.manifest_link(name, digest))
 
     def unlink_manifest(self, name: str, digest: Digest) -> bool:
         """Forget manifest ``digest`` in ``name`` and every tag pointing at it; return whether it was there."""

@@ -21,8 +21,13 @@
                                                         if a manifest took it meanwhile (see ``gc.py``)
       state/cache-index/                                diskcache of pull-through blobs: size and last use,
                                                         for least-recently-used eviction (``cache.py``)
-      state/auth/token.key                              the key that signs bearer tokens (``auth.py``)
-      state/events/<endpoint>/<time>-<id>.json          notification events not yet delivered (``events.py``)
+      state/auth/<name>                                 a secret made once and kept, mode 0600 (``store.py``):
+                                                        token.key, the key that signs bearer tokens (``auth.py``)
+      state/events/<queue>/<time>-<id>.json             a record of a durable queue (``queue.py``): notification
+                                                        events not yet delivered to one endpoint (``events.py``);
+                                                        ``<queue>`` is sha256(endpoint url)[:16]
+      state/events/.sender.lock                         the queues' one consumer holds an flock on it
+      state/.ready-<hex>                                a moment's probe of whether the store takes writes
       state/fetching/<alg>-<hex>.lock, .json            the worker process fetching a blob from upstream holds
                                                         the lock and names its upload session in the JSON, so
                                                         other workers follow it instead of fetching again
@@ -33,6 +38,7 @@ nested repository. Every argument is validated here: no caller can make a path l
 from __future__ import annotations
 
 import functools
+import hashlib
 import re
 from pathlib import Path
 
@@ -43,6 +49,8 @@ from mirror.errors import BlobUploadUnknown, NameInvalid, StorageError, TagInval
 NAME_PATTERN = re.compile(r"[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*(?:/[a-z0-9]+(?:(?:\.|_|__|-+)[a-z0-9]+)*)*")
 TAG_PATTERN = re.compile(r"[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}")
 SESSION_PATTERN = re.compile(r"[a-f0-9]{32}")
+SECRET_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
+QUEUE_ENTRY_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f-]{36}\.json")
 REGISTRY_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 MAX_NAME_LENGTH = 255
 
@@ -73,8 +81,9 @@ class Layout:
         self.pins = self.state / "pins"
         self.trash = self.state / "gc-trash"
         self.cache_index = self.state / "cache-index"
-        self.auth = self.state / "auth"
-        self.events = self.state / "events"
+        self.secrets = self.state / "auth"
+        self.queues = self.state / "events"
+        self.queue_lock = self.queues / ".sender.lock"
         self.fetching = self.state / "fetching"
         self.imports = self.state / "imports"
         self.origins = self.state / "origins"
@@ -143,6 +152,28 @@ class Layout:
         if not SESSION_PATTERN.fullmatch(key):
             raise StorageError(f"invalid import key {key[:100]!r}")
         return self.imports / key
+
+    def secret(self, name: str) -> Path:
+        """The file of secret ``name``."""
+        if not SECRET_PATTERN.fullmatch(name):
+            raise StorageError(f"invalid secret name {name[:100]!r}")
+        return self.secrets / name
+
+    def queue(self, name: str) -> Path:
+        """The folder of the durable queue ``name`` (any string: an endpoint's URL)."""
+        return self.queues / hashlib.sha256(name.encode()).hexdigest()[:16]
+
+    def queue_entry(self, name: str, entry: str) -> Path:
+        """The file of record ``entry`` (``<time ns>-<uuid>.json``) of queue ``name``."""
+        if not QUEUE_ENTRY_PATTERN.fullmatch(entry):
+            raise StorageError(f"invalid queue entry {entry[:100]!r}")
+        return self.queue(name) / entry
+
+    def probe(self, token: str) -> Path:
+        """A file that ``Store.writable_problem`` creates and removes at once (``token``: hex, unique)."""
+        if not SESSION_PATTERN.fullmatch(token):
+            raise StorageError(f"invalid probe token {token[:100]!r}")
+        return self.state / f".ready-{token}"
 
     def referrers(self, name: str, subject: Digest) -> Path:
         """The folder of referrer descriptors of ``subject`` in ``name``."""

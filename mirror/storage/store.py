@@ -1,4 +1,8 @@
-"""One store, opened in one place: its layout version, blob bytes, repository metadata, pins and access index.
+"""One store, opened in one place: its layout version, blob bytes, repository metadata, pins, access index,
+import staging stores, durable queues, secrets, and the fetch claims that its worker processes share.
+
+Nothing outside ``mirror/storage/`` reaches the store's files; every other module asks a ``Store`` (or one
+of its parts) for an operation.
 
 ``open(root)`` is how every command and the server get at a store. It creates a new store, or checks and
 migrates an existing one to ``LAYOUT_VERSION`` (recorded in ``<root>/layout-version``):
@@ -15,6 +19,8 @@ A store of a newer version than this code knows is refused rather than misread.
 from __future__ import annotations
 
 import contextlib
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,30 +28,83 @@ from mirror import manifest as manifests
 from mirror.digest import Digest
 from mirror.errors import MirrorError, StorageError
 from mirror.storage.access import AccessIndex
-from mirror.storage.filesystem import FilesystemBlobStore, storage_error, write_atomic
+from mirror.storage.fetching import FetchClaim, ForeignFetch
+from mirror.storage.filesystem import FilesystemBlobStore, storage_error, write_atomic, write_once
+from mirror.storage.imports import Imports
 from mirror.storage.metadata import Metadata
 from mirror.storage.paths import Layout
 from mirror.storage.pins import Pins
+from mirror.storage.queue import Queues
 
 LAYOUT_VERSION = 2
 
 
-@dataclass
+@dataclass(frozen=True)
+class StoreStats:
+    """What the store holds, counted in one walk."""
+
+    blobs: int = 0
+    blob_bytes: int = 0
+    pinned: int = 0
+    pinned_bytes: int = 0
+
+
 class Store:
     """Everything one store root holds, each part behind its own small interface."""
 
-    layout: Layout
-    blobs: FilesystemBlobStore
-    metadata: Metadata
-    pins: Pins
-    _access: AccessIndex | None = None
+    def __init__(self, root: Path):
+        self._layout = Layout(root)
+        self.blobs = FilesystemBlobStore(root)
+        self.metadata = Metadata(root)
+        self.pins = Pins(root)
+        self.imports = Imports(root)
+        self.queues = Queues(root)
+        self._access: AccessIndex | None = None
 
     @property
     def access(self) -> AccessIndex:
         """The access index of pull-through blobs (opened on first use: most commands never need it)."""
         if self._access is None:
-            self._access = AccessIndex(self.layout.cache_index)
+            self._access = AccessIndex(self._layout.cache_index)
         return self._access
+
+    def claim_fetch(self, digest: Digest) -> FetchClaim | None:
+        """This process's claim to fetch blob ``digest`` from upstream, or None while another process holds one."""
+        return FetchClaim.take(self._layout, digest)
+
+    async def join_fetch(self, digest: Digest) -> ForeignFetch | None:
+        """Follow the fetch of ``digest`` that another process claimed, once it named its upload session; None
+        when that process let go first."""
+        return await ForeignFetch.join(self._layout, digest)
+
+    def secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
+        """Secret ``name`` (readable by this user only), made by ``generate()`` the first time it is asked for;
+        of processes asking at once, all get the one that was stored first."""
+        path = self._layout.secret(name)
+        try:
+            with contextlib.suppress(FileNotFoundError):
+                return path.read_bytes()
+            write_once(path, generate())
+            return path.read_bytes()
+        except OSError as exc:
+            raise StorageError(f"cannot read or create the secret {path}: {exc.strerror or exc}") from exc
+
+    def writable_problem(self) -> str | None:
+        """Why the store cannot take writes now (naming no path), or None when a file could be made and removed."""
+        probe = self._layout.probe(uuid.uuid4().hex)
+        try:
+            probe.parent.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            return f"store is not writable: {exc.strerror or type(exc).__name__}"
+        return None
+
+    def stats(self) -> StoreStats:
+        """Count the blobs and the pinned blobs and their bytes (walks the whole store)."""
+        sizes = [size for size in map(self.blobs.stat, self.blobs.iter()) if size is not None]
+        pinned = [size for size in map(self.blobs.stat, self.pins.all()) if size is not None]
+        return StoreStats(len(sizes), sum(sizes), len(pinned), sum(pinned))
 
     def close(self) -> None:
         """Release the access index."""
@@ -58,12 +117,11 @@ def open(root: Path | str) -> Store:  # noqa: A001 - ``storage.open`` is the one
     """Open (creating or migrating as needed) the store at ``root``."""
     layout = Layout(Path(root))
     fresh = not layout.blobs.is_dir()
-    blobs = FilesystemBlobStore(layout.root)
-    store = Store(layout, blobs, Metadata(layout.root), Pins(layout.root))
     version = LAYOUT_VERSION if fresh else _version(layout)
     if version > LAYOUT_VERSION:
         raise StorageError(f"the store {layout.root} has layout version {version}; this mirror knows up to "
                            f"{LAYOUT_VERSION}: upgrade the mirror")
+    store = Store(layout.root)
     if version < 2:
         _unlink_unfounded_blob_links(store)
     if fresh or version < LAYOUT_VERSION:
