@@ -8,7 +8,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from mirror import config as config_module
-from mirror.errors import MirrorError
+from mirror.errors import ConfigError, MirrorError
 
 
 def _config(args: argparse.Namespace) -> config_module.Config:
@@ -141,12 +141,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the ``mirror`` command; return its exit status."""
+    """Run the ``mirror`` command; return its exit status (2 for a config error, 1 for any other error)."""
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
     except MirrorError as exc:
         print(f"mirror: {exc.message}", file=sys.stderr)
-        return 2
+        return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:  # a file or directory the command needs, such as a storage root that is a file
+        reason = exc.strerror or str(exc)
+        print(f"mirror: {exc.filename}: {reason}" if exc.filename else f"mirror: {reason}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -1,6 +1,8 @@
 """Configuration: frozen dataclasses and ``load(path, environ)``, the only reader of the environment.
 
-The YAML file's keys map one to one onto these dataclasses; every error names the key at fault.
+The YAML file's keys map one to one onto these dataclasses; every error names the key at fault. Every value
+must have its key's YAML type: a boolean is ``true`` or ``false`` (never the string ``"false"``), a number is
+never a boolean, a path or name is a string.
 Without a file the embedded defaults serve on 0.0.0.0:5000 from ``./mirror-data`` with docker.io upstream.
 """
 from __future__ import annotations
@@ -36,32 +38,38 @@ ENV_OVERRIDES = {
 EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
 
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9.-]+(:\d+)?")
-_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([kmgtp]?i?b?)?", re.IGNORECASE)
-_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]i?)?b?", re.IGNORECASE)
+_SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
-_DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?")
-_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, None: 1}
+_DURATION = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?")
+_DURATION_UNITS = {"ms": 0.001, "s": 1, "m": 60, "h": 3600, "d": 86400, "": 1}
+MAX_QUANTITY = 2**63  # sizes and durations are below this (and finite)
+
+
+def _quantity(value: Any, pattern: re.Pattern[str], units: Mapping[str, float]) -> float | None:
+    """``value`` (a number, not a boolean, or a string: a number and a unit) in base units, or None if invalid."""
+    if isinstance(value, str):
+        match = pattern.fullmatch(value.strip())
+        value = float(match.group(1)) * units[(match.group(2) or "").lower()] if match else None
+    elif isinstance(value, bool) or not isinstance(value, (int, float)):
+        value = None
+    return value if value is not None and 0 <= value < MAX_QUANTITY else None
 
 
 def parse_size(value: Any, key: str = "size") -> int:
-    """Bytes from an int or a string such as ``"50GiB"`` or ``"4G"``."""
-    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
-        return value
-    match = _SIZE.fullmatch(str(value).strip())
-    if not match:
-        raise ConfigError(key, f"{value!r} is not a size (bytes, or a number with KiB/MiB/GiB/TiB/KB/MB/GB)")
-    unit = match.group(2).lower().removesuffix("b") if match.group(2) else ""
-    return int(float(match.group(1)) * _SIZE_UNITS[unit])
+    """Bytes from a number or a string such as ``"50GiB"`` or ``"4G"``."""
+    size = _quantity(value, _SIZE, _SIZE_UNITS)
+    if size is None:
+        raise ConfigError(key, f"{value!r:.40} is not a size (bytes, or a number with KiB/MiB/GiB/TiB/KB/MB/GB)")
+    return int(size)
 
 
 def parse_duration(value: Any, key: str = "duration") -> float:
     """Seconds from a number or a string such as ``"5m"``, ``"300s"`` or ``"1h"``."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
-        return float(value)
-    match = _DURATION.fullmatch(str(value).strip())
-    if not match:
-        raise ConfigError(key, f"{value!r} is not a duration (seconds, or a number with ms/s/m/h/d)")
-    return float(match.group(1)) * _DURATION_UNITS[match.group(2)]
+    seconds = _quantity(value, _DURATION, _DURATION_UNITS)
+    if seconds is None:
+        raise ConfigError(key, f"{value!r:.40} is not a duration (seconds, or a number with ms/s/m/h/d)")
+    return float(seconds)
 
 
 @dataclass(frozen=True)
@@ -159,21 +167,34 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
     path = path or environ.get("MIRROR_CONFIG")
     raw: dict[str, Any] = {}
     if path:
-        try:
-            raw = yaml.safe_load(Path(path).read_text()) or {}
-        except OSError as exc:
-            raise ConfigError(str(path), f"cannot read: {exc.strerror}") from exc
-        except yaml.YAMLError as exc:
-            raise ConfigError(str(path), f"not valid YAML: {exc}") from exc
-        if not isinstance(raw, dict):
-            raise ConfigError(str(path), "the top level must be a mapping")
+        raw = _read(Path(path))
     for variable, key in ENV_OVERRIDES.items():
         if variable in environ:
-            _set_path(raw, key, environ[variable])
+            value: Any = environ[variable]
+            _set_path(raw, key, int(value) if key == "workers" and re.fullmatch(r"[0-9]{1,4}", value) else value)
     return _build(raw, str(path) if path else "embedded defaults")
 
 
-def _set_path(raw: dict[str, Any], dotted: str, value: str) -> None:
+def _read(path: Path) -> dict[str, Any]:
+    """The YAML mapping in the file ``path``; ConfigError (one line) when it cannot be read or is not one."""
+    try:
+        raw = yaml.safe_load(path.read_bytes())
+    except OSError as exc:
+        raise ConfigError(str(path), f"cannot read: {exc.strerror or exc}") from exc
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise ConfigError(str(path), f"not valid YAML{where}: {exc.problem or exc.context}") from exc
+    except (yaml.YAMLError, ValueError, RecursionError) as exc:  # PyYAML's int() limit, its recursive composer
+        raise ConfigError(str(path), f"not valid YAML: {' '.join(str(exc).split())}") from exc
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), "the top level must be a mapping")
+    return raw
+
+
+def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     *parents, leaf = dotted.split(".")
     for part in parents:
         raw = raw.setdefault(part, {}) if isinstance(raw.get(part, {}), dict) else raw
@@ -184,7 +205,7 @@ def _build(raw: dict[str, Any], source: str) -> Config:
     _known_keys(raw, "", {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls",
                           "auth", "notifications"})
     listen = _listen(raw.get("listen", DEFAULT_LISTEN))
-    storage = _storage(raw.get("storage") or {})
+    storage = _storage(raw.get("storage"))
     if "upstreams" in raw:
         upstreams = tuple(_upstream(i, u) for i, u in enumerate(_list(raw["upstreams"], "upstreams")))
         default = raw.get("default_upstream")
@@ -199,12 +220,8 @@ def _build(raw: dict[str, Any], source: str) -> Config:
         raise ConfigError("default_upstream", f"{default!r} is not a registry host name such as docker.io")
     default = None if default is None else normalise_registry(default)
     workers = raw.get("workers", 1)
-    try:
-        workers = int(workers)
-    except (TypeError, ValueError):
-        workers = 0
-    if not 1 <= workers <= 64:
-        raise ConfigError("workers", "must be a whole number from 1 to 64")
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
+        raise ConfigError("workers", f"{workers!r} is not a whole number from 1 to 64")
     keys = _list(raw.get("trusted_keys"), "trusted_keys")
     trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
     endpoints = _list(raw.get("notifications"), "notifications")
@@ -224,13 +241,36 @@ def _known_keys(raw: dict[str, Any], prefix: str, known: set[str]) -> None:
 
 
 def _listen(value: Any) -> str:
-    host, sep, port = str(value).rpartition(":")
-    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
-        raise ConfigError("listen", f"{value!r} is not HOST:PORT")
+    host, _, port = _string(value, "listen", "HOST:PORT").rpartition(":")
+    if not re.fullmatch(r"[0-9]{1,5}", port) or int(port) > 65535:
+        raise ConfigError("listen", f"{value!r:.80} is not HOST:PORT")
     return f"{host or '0.0.0.0'}:{port}"
 
 
+def _string(value: Any, key: str, what: str = "text") -> str:
+    """``value`` if it is a string; else a ConfigError naming ``key`` and what it must be (never the value)."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be {what} (a YAML string), not {_kind(value)}")
+    return value
+
+
+def _boolean(value: Any, key: str) -> bool:
+    """``value`` if it is a YAML boolean (``true``/``false``; the string ``"false"`` is not one)."""
+    if not isinstance(value, bool):
+        raise ConfigError(key, f"must be true or false (a YAML boolean), not {_kind(value)}")
+    return value
+
+
+def _kind(value: Any) -> str:
+    """What YAML made of ``value``, for error messages that must not repeat it (it may be a password)."""
+    kinds = {bool: "a boolean", int: "a number", float: "a number", str: "a string", list: "a list",
+             dict: "a mapping", type(None): "empty"}
+    return kinds.get(type(value), type(value).__name__)
+
+
 def _storage(raw: Any) -> Storage:
+    if raw is None:
+        return Storage()
     if not isinstance(raw, dict):
         raise ConfigError("storage", "must be a mapping")
     _known_keys(raw, "storage.", {"root", "max_cache_size", "upload_expiry", "gc_grace"})
@@ -267,26 +307,26 @@ def _auth(raw: Any) -> Auth | None:
     if not isinstance(htpasswd, str) or not Path(htpasswd).is_file():
         raise ConfigError("auth.htpasswd", f"{htpasswd!r} is not a file")
     realm = raw.get("realm")
-    if realm is not None and (urlsplit(str(realm)).scheme not in ("http", "https") or '"' in str(realm)):
+    if realm is not None and (urlsplit(_string(realm, "auth.realm", "a URL")).scheme not in ("http", "https")
+                              or '"' in realm):
         raise ConfigError("auth.realm", f"{realm!r} is not an http:// or https:// URL")
     service = raw.get("service", Auth.service)
     if not isinstance(service, str) or not re.fullmatch(r"[A-Za-z0-9._:-]+", service):
         raise ConfigError("auth.service", "must be a name of letters, digits, '.', '_', ':' or '-'")
-    anonymous_pull = raw.get("anonymous_pull", False)
-    if not isinstance(anonymous_pull, bool):
-        raise ConfigError("auth.anonymous_pull", "must be true or false")
     groups = raw.get("groups") or {}
     if not isinstance(groups, dict):
         raise ConfigError("auth.groups", "must map group names to lists of user names")
+    for name in groups:
+        _string(name, f"auth.groups.{name}", "a group name")
     for reserved in {"*", "anonymous"} & set(groups):
         raise ConfigError(f"auth.groups.{reserved}", "is a reserved name, not a group")
     return Auth(
         htpasswd=Path(htpasswd),
-        realm=None if realm is None else str(realm),
+        realm=realm,
         service=service,
         token_ttl=_positive(parse_duration(raw.get("token_ttl", Auth.token_ttl), "auth.token_ttl"), "auth.token_ttl"),
-        anonymous_pull=anonymous_pull,
-        groups={str(name): _principals(members, f"auth.groups.{name}") for name, members in groups.items()},
+        anonymous_pull=_boolean(raw.get("anonymous_pull", False), "auth.anonymous_pull"),
+        groups={name: _principals(members, f"auth.groups.{name}") for name, members in groups.items()},
         access=tuple(_access_rule(index, rule) for index, rule in enumerate(_list(raw.get("access"), "auth.access"))),
     )
 
@@ -312,8 +352,8 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with url")
     _known_keys(raw, f"{key}.", {"url", "events", "headers", "timeout"})
-    url = raw.get("url")
-    parts = urlsplit(str(url or ""))
+    url = _string(raw.get("url"), f"{key}.url", "a URL")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{key}.url", f"{url!r} is not an http:// or https:// URL")
     events = _list(raw.get("events", sorted(EVENT_ACTIONS)), f"{key}.events")
@@ -322,13 +362,15 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
     headers = raw.get("headers") or {}
     if not isinstance(headers, dict):
         raise ConfigError(f"{key}.headers", "must map header names to a value or a list of values")
-    pairs = tuple((str(name), str(value)) for name, values in headers.items()
+    pairs = tuple((name, value) for name, values in headers.items()
                   for value in (values if isinstance(values, list) else [values]))
     for name, value in pairs:
+        if not isinstance(name, str) or not isinstance(value, str):
+            raise ConfigError(f"{key}.headers.{name}", "must be a header name with a string or a list of strings")
         if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or "\n" in value or "\r" in value:
             raise ConfigError(f"{key}.headers.{name}", "is not a valid header name and value")
     timeout = _positive(parse_duration(raw.get("timeout", Endpoint.timeout), f"{key}.timeout"), f"{key}.timeout")
-    return Endpoint(str(url), frozenset(events), pairs, timeout)
+    return Endpoint(url, frozenset(events), pairs, timeout)
 
 
 def _trusted_key(index: int, value: Any) -> Path:
@@ -350,22 +392,26 @@ def _upstream(index: int, raw: Any) -> Upstream:
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with name and url")
     _known_keys(raw, f"{key}.", {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout"})
-    name, url = raw.get("name"), raw.get("url")
+    name = raw.get("name")
     if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name", "must be a registry host name such as docker.io")
-    parts = urlsplit(str(url or ""))
+    url = _string(raw.get("url"), f"{key}.url", "a URL")
+    parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
         raise ConfigError(f"{key}.url", f"{url!r} is not an http:// or https:// URL")
     username, password = raw.get("username"), raw.get("password")
     if (username is None) != (password is None):
         raise ConfigError(f"{key}.password" if username else f"{key}.username", "username and password go together")
+    for field_name, value in (("username", username), ("password", password)):
+        if value is not None:
+            _string(value, f"{key}.{field_name}")
     return Upstream(
         name=normalise_registry(name),
-        url=str(url).rstrip("/"),
-        username=None if username is None else str(username),
-        password=None if password is None else str(password),
+        url=url.rstrip("/"),
+        username=username,
+        password=password,
         manifest_ttl=parse_duration(raw.get("manifest_ttl", 300), f"{key}.manifest_ttl"),
-        allow_push=bool(raw.get("allow_push", False)),
+        allow_push=_boolean(raw.get("allow_push", False), f"{key}.allow_push"),
         timeout=_positive(parse_duration(raw.get("timeout", 10), f"{key}.timeout"), f"{key}.timeout"),
     )
 

@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from itertools import accumulate
 from typing import Any
 
 from mirror.digest import Digest
-from mirror.errors import DigestInvalid, ManifestInvalid, UpstreamInvalid
+from mirror.errors import DigestInvalid, ManifestInvalid, MirrorError, UpstreamInvalid
 
 DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
 DOCKER_MANIFEST_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
@@ -16,6 +17,13 @@ INDEX_TYPES = frozenset({DOCKER_MANIFEST_LIST, OCI_INDEX})
 IMAGE_TYPES = frozenset({DOCKER_MANIFEST, OCI_MANIFEST})
 MANIFEST_TYPES = INDEX_TYPES | IMAGE_TYPES
 MAX_MANIFEST_SIZE = 4 * 1024 * 1024
+MAX_JSON_DEPTH = 64
+# Content-Types that say nothing about the kind of manifest: the body alone types it.
+UNTYPED = frozenset({"", "application/json", "application/octet-stream"})
+INDEX_ONLY, IMAGE_ONLY = ("manifests",), ("config", "layers")
+
+_NOT_BRACKET = bytes(sorted(set(range(256)) - set(b"[]{}")))
+_BRACKET_STEPS = bytes.maketrans(b"[{]}", b"\x01\x01\xff\xff")
 
 
 @dataclass(frozen=True)
@@ -70,26 +78,41 @@ class Manifest:
         return descriptor
 
 
+def _json_depth(data: bytes) -> int:
+    """How deeply the arrays and objects of UTF-8 JSON ``data`` nest, from its brackets outside strings."""
+    unescaped = data.replace(b"\\\\", b"").replace(b'\\"', b"")  # an escaped quote never ends a string
+    outside = b"".join(unescaped.split(b'"')[::2])  # every other piece between quotes is a string's content
+    steps = outside.translate(None, _NOT_BRACKET).translate(_BRACKET_STEPS)  # +1 for [ and {, -1 for ] and }
+    return max(accumulate(memoryview(steps).cast("b")), default=0)
+
+
+def load_json(data: bytes, what: str, *, max_size: int = MAX_MANIFEST_SIZE,
+              error: type[MirrorError] = ManifestInvalid) -> Any:
+    """Parse untrusted UTF-8 JSON ``data`` (named ``what`` in errors), bounded in size and nesting; raise ``error``."""
+    if len(data) > max_size:
+        raise error(f"{what} is over the {max_size} byte limit")
+    try:
+        text = data.decode()
+    except UnicodeDecodeError as exc:
+        raise error(f"{what} is not UTF-8: {exc.reason} at byte {exc.start}") from exc
+    if _json_depth(data) > MAX_JSON_DEPTH:
+        raise error(f"{what} nests arrays and objects deeper than {MAX_JSON_DEPTH} levels")
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise error(f"{what} is not valid JSON: {exc}") from exc
+
+
 def parse(body: bytes, content_type: str | None, algorithm: str = "sha256") -> Manifest:
     """Parse and validate a manifest as pushed with ``content_type``; raise ManifestInvalid on any flaw."""
-    try:
-        data = json.loads(body)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise ManifestInvalid(f"manifest is not valid JSON: {exc}") from exc
+    data = load_json(body, "manifest")
     if not isinstance(data, dict):
         raise ManifestInvalid("manifest must be a JSON object")
-    declared = data.get("mediaType")
-    content_type = (content_type or "").split(";")[0].strip()
-    if content_type in ("", "application/json", "application/octet-stream"):
-        content_type = declared or (OCI_INDEX if "manifests" in data else OCI_MANIFEST)
-    if declared is not None and declared != content_type:
-        raise ManifestInvalid(f"mediaType {declared!r} does not match Content-Type {content_type!r}",
-                              detail={"mediaType": declared, "contentType": content_type})
-    if content_type not in MANIFEST_TYPES:
-        raise ManifestInvalid(f"unsupported manifest media type {content_type!r}")
+    media_type = _media_type(data, content_type)
     if data.get("schemaVersion") != 2:
         raise ManifestInvalid("schemaVersion must be 2")
-    manifest = Manifest(body, content_type, Digest.of(body, algorithm), data)
+    manifest = Manifest(body, media_type, Digest.of(body, algorithm), data)
+    _check_unambiguous(manifest)
     _check_descriptors(manifest)
     return manifest
 
@@ -102,6 +125,35 @@ def parse_lenient(body: bytes, media_type: str, digest: Digest) -> Manifest:
         if media_type in MANIFEST_TYPES:
             raise UpstreamInvalid(f"upstream sent an invalid {media_type} manifest") from None
         return Manifest(body, media_type, digest, {})
+
+
+def _media_type(data: dict[str, Any], content_type: str | None) -> str:
+    """The manifest type of ``data`` pushed with ``content_type``: the two, when both say one, must agree."""
+    declared = data.get("mediaType")
+    if declared is not None and not isinstance(declared, str):
+        raise ManifestInvalid("mediaType must be a string")
+    content_type = (content_type or "").split(";")[0].strip()
+    if content_type in UNTYPED:
+        if declared is None and "manifests" in data and not data.keys().isdisjoint(IMAGE_ONLY):
+            raise ManifestInvalid("manifest has both manifests and config or layers, and neither a mediaType nor "
+                                  "the Content-Type says whether it is an index or an image manifest")
+        content_type = declared or (OCI_INDEX if "manifests" in data else OCI_MANIFEST)
+    if declared is not None and declared != content_type:
+        raise ManifestInvalid(f"mediaType {declared[:100]!r} does not match Content-Type {content_type[:100]!r}",
+                              detail={"mediaType": declared[:100], "contentType": content_type[:100]})
+    if content_type not in MANIFEST_TYPES:
+        raise ManifestInvalid(f"unsupported manifest media type {content_type[:100]!r}")
+    return content_type
+
+
+def _check_unambiguous(manifest: Manifest) -> None:
+    """Refuse an index with image manifest fields or an image manifest with index fields (CVE-2021-41190)."""
+    kind, foreign = ("an index", IMAGE_ONLY) if manifest.is_index else ("an image manifest", INDEX_ONLY)
+    present = [name for name in foreign if name in manifest.data]
+    if present:
+        raise ManifestInvalid(f"{kind} ({manifest.media_type}) must not have {' or '.join(present)}: with the "
+                              "fields of both an index and an image manifest a document is ambiguous",
+                              detail={"mediaType": manifest.media_type, "fields": present})
 
 
 def _check_descriptors(manifest: Manifest) -> None:

@@ -57,9 +57,10 @@ def page_size(n: str | None) -> int:
     """The page size asked for by ``?n=``, capped at MAX_PAGE; raise PaginationInvalid when unusable."""
     if n is None or n == "":
         return MAX_PAGE
-    if not n.isdigit():
+    if not (n.isascii() and n.isdigit()):
         raise PaginationInvalid(f"n must be a non-negative integer, not {n[:40]!r}")
-    return min(int(n), MAX_PAGE)
+    digits = n.lstrip("0") or "0"  # int() refuses over 4300 digits: a number that long is over MAX_PAGE anyway
+    return MAX_PAGE if len(digits) > len(str(MAX_PAGE)) else min(int(digits), MAX_PAGE)
 
 
 def paginate(items: list[str], n: str | None, last: str | None) -> Page:

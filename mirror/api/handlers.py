@@ -320,7 +320,7 @@ class UploadHandler(BaseHandler):
         if not content_range:
             return None
         match = _UPLOAD_RANGE.fullmatch(content_range.strip())
-        if not match or int(match.group(2)) < int(match.group(1)):
+        if not match or max(map(len, match.groups())) > 18 or int(match.group(2)) < int(match.group(1)):
             self.writer.close()
             raise errors.RangeInvalid(f"malformed Content-Range {content_range[:80]!r}",
                                       detail={"size": self.writer.size})
