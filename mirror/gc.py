@@ -15,7 +15,10 @@ imports nobody reran for that long. It is safe while ``mirror serve`` runs:
 - blobs are first moved to ``state/gc-trash``; a manifest PUT that references one now fails cleanly with
   MANIFEST_BLOB_UNKNOWN instead of being accepted. Then every manifest linked since the mark is read, and the
   blobs it needs are moved back. Only the rest is deleted. A run that dies halfway moves its trash back first
-  thing the next time.
+  thing the next time;
+- a manifest whose bytes cannot be read as JSON leaves what it needs unknown: then no blob is deleted, and
+  the problem is reported. Manifests are read leniently (``manifest.references``): every ``config``,
+  ``layers`` and ``manifests`` descriptor counts, whatever the declared type.
 """
 from __future__ import annotations
 
@@ -56,6 +59,7 @@ class Report:
     imports: dict[str, int] = field(default_factory=dict)
     kept: int = 0
     problems: list[str] = field(default_factory=list)
+    unreadable: bool = False  # a manifest could not be read: what it needs is unknown, so nothing is deleted
 
     @property
     def freed(self) -> int:
@@ -108,12 +112,15 @@ class Collector:
             self._restore_all_trash()
         seen, marked = self._mark(untagged, dry_run, report)
         total = sum(1 for _ in self.blobs.iter())
-        candidates = self._candidates(marked, started - self.grace)
+        candidates = {} if report.unreadable else self._candidates(marked, started - self.grace)
+        if report.unreadable:
+            report.problems.append("no blob removed: a manifest that cannot be read may need any of them")
         if dry_run:
             report.blobs = candidates
         else:
             trashed = self._trash(candidates, started - self.grace)
-            report.blobs = self._delete(trashed, self._mark_new(seen, report))
+            needed = self._mark_new(seen, report)
+            report.blobs = self._delete(trashed, set(trashed) if report.unreadable else needed)
         report.kept = total - len(report.blobs)
         report.uploads = self.registry.expire_uploads(self.upload_expiry, dry_run)
         report.imports = self.imports.expire(self.upload_expiry, dry_run)  # imports nobody reran for that long
@@ -154,25 +161,28 @@ class Collector:
             if digest in live or digest not in linked:
                 continue
             live.add(digest)
-            manifest = self._read(name, digest, report)
-            if manifest is not None:
-                marked.update(Digest.parse(blob["digest"]) for blob in manifest.blobs)
-                stack.extend(Digest.parse(child["digest"]) for child in manifest.children)
+            references = self._read(name, digest, report)
+            if references is not None:
+                blobs, children = references
+                marked.update(blobs)
+                stack.extend(children)
             stack.extend(Digest.parse(referrer["digest"]) for referrer in self.metadata.referrers(name, digest))
         return live
 
-    def _read(self, name: str, digest: Digest, report: Report) -> manifests.Manifest | None:
-        """Manifest ``digest`` of ``name``, also while it sits in the trash; None (and a problem) if unreadable."""
-        media_type = self.metadata.manifest_media_type(name, digest)
+    def _read(self, name: str, digest: Digest, report: Report) -> tuple[set[Digest], set[Digest]] | None:
+        """What manifest ``digest`` of ``name`` references (blobs, manifests), also while it sits in the trash;
+        None and a problem when it cannot be read (then the sweep deletes nothing: it cannot know what is
+        needed)."""
         try:
             body = self.blobs.read_any(digest)
         except BlobUnknown:
             report.problems.append(f"manifest {name}@{digest} has no bytes in the store")
             return None
         try:
-            return manifests.parse(body, media_type, digest.algorithm)
+            return manifests.references(body)
         except MirrorError as exc:
             report.problems.append(f"cannot read manifest {name}@{digest}: {exc.message}")
+            report.unreadable = True
             return None
 
     def _mark_new(self, seen: set[tuple[str, Digest]], report: Report) -> set[Digest]:

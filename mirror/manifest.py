@@ -117,6 +117,24 @@ def parse(body: bytes, content_type: str | None, algorithm: str = "sha256") -> M
     return manifest
 
 
+def references(body: bytes) -> tuple[set[Digest], set[Digest]]:
+    """Every digest a stored manifest may reference, whatever its type says: (blobs: config and layers,
+    manifests: what an index lists). For the garbage collector, which must never miss one; raise
+    ManifestInvalid when the bytes are not a JSON object."""
+    data = load_json(body, "stored manifest")
+    if not isinstance(data, dict):
+        raise ManifestInvalid("a stored manifest is not a JSON object")
+
+    def digests(value: Any) -> set[Digest]:
+        found = set()
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, dict) and Digest.is_digest(str(item.get("digest", ""))):
+                found.add(Digest.parse(item["digest"]))
+        return found
+
+    return digests(data.get("config")) | digests(data.get("layers")), digests(data.get("manifests"))
+
+
 def parse_lenient(body: bytes, media_type: str, digest: Digest) -> Manifest:
     """Parse an upstream's manifest; types this registry does not validate are kept as they are."""
     try:

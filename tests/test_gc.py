@@ -13,6 +13,7 @@ import pytest
 import yaml
 
 from mirror import gc, storage
+from mirror import manifest as manifests
 from mirror.digest import Digest
 from mirror.errors import ManifestBlobUnknown
 from mirror.manifest import OCI_MANIFEST
@@ -330,3 +331,34 @@ def test_gc_on_a_serving_mirror_frees_a_deleted_image_and_keeps_a_push_in_flight
                 assert client.get(f"/v2/gc/{tag}/blobs/{blob.digest}").content == blob.data
         assert client.get(f"/v2/gc/a/blobs/{a.config.digest}").status_code == 404
         assert client.get(f"/v2/gc/b/blobs/{a.layers[0].digest}").status_code == 200
+
+
+def test_a_manifest_that_cannot_be_read_stops_the_sweep(registry):
+    kept = build_image("unreadable", layers=2)
+    push(registry, "team/kept", "1", kept)
+    orphan = build_image("orphan-of-unreadable", layers=1)
+    push(registry, "team/orphan", "1", orphan)
+    registry.delete_manifest("team/orphan", orphan.digest)
+    garbage = b"not json at all"  # stored as a manifest of team/broken by a store written by other code
+    registry.store_manifest("team/broken", manifests.Manifest(garbage, OCI_MANIFEST, Digest.of(garbage), {}))
+
+    report = collector(registry).collect()
+
+    assert report.blobs == {} and report.unreadable
+    assert any("cannot read manifest team/broken" in problem for problem in report.problems)
+    assert digests(*orphan.blobs) <= stored(registry)  # garbage too, but nothing may go while one is unknown
+    assert_pullable(registry, "team/kept", "1", kept)
+
+
+def test_references_are_read_whatever_the_declared_type(registry):
+    image = build_image("ambiguous-old", layers=2)
+    push(registry, "team/img", "1", image)
+    document = json.loads(image.manifest.data) | {"manifests": []}  # ambiguous: refused today, stored by older code
+    body = json.dumps(document).encode()
+    registry.store_manifest("team/old", manifests.Manifest(body, OCI_MANIFEST, Digest.of(body), {}))
+    registry.delete_manifest("team/img", image.digest)
+
+    report = collector(registry).collect()
+
+    assert not report.unreadable
+    assert digests(*image.blobs) <= stored(registry)  # team/old still needs them
