@@ -19,7 +19,10 @@ Where secrets go (the rule):
   host (which the operator already trusts with them), or on a loopback address. Docker Hub's realm
   (https://auth.docker.io) qualifies; a plain-http realm elsewhere gets an anonymous request and a
   warning in the log.
-- Token requests never follow redirects.
+- Token requests never follow redirects, and a realm outside the upstream's origin must pass the
+  destination policy (``destinations.py``: public addresses, or of the upstream's own kind) before any
+  connection is made to it, so no credentials or requests go to an internal service the upstream names.
+  The token answer is a small answer (``client.py``: deadlines, size, JSON depth).
 """
 from __future__ import annotations
 
@@ -38,8 +41,10 @@ from typing import Any
 import httpx
 
 from mirror.config import Upstream
-from mirror.errors import UpstreamUnavailable
-from mirror.upstream.status import detail, raise_for_status, translated
+from mirror.errors import UpstreamInvalid, UpstreamUnavailable
+from mirror.upstream.destinations import DestinationRefused, Destinations
+from mirror.upstream.status import detail, parse_json, raise_for_status, read_small, translated
+from mirror.upstream.transport import ADMIT, DEADLINES, Deadlines
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +89,8 @@ class RegistryAuth(httpx.Auth):
         self._credentials = (upstream.username, upstream.password or "") if upstream.username else None
         self._token_client = token_client
         self._clock = clock
+        self._timeout = upstream.timeout
+        self._destinations = Destinations(upstream.url)
         self._realm: tuple[str, str | None] | None = None
         self._use_basic = False
         self._tokens: dict[str, Token] = {}
@@ -148,15 +155,20 @@ class RegistryAuth(httpx.Auth):
         params = {key: value for key, value in (("service", service), ("scope", scope)) if value}
         credentials = self._credentials if self._credentials and self._may_send_credentials(realm) else None
         what = f"token for {scope or 'the registry'} from {realm}"
+        extensions = {ADMIT: self._destinations.admit, DEADLINES: Deadlines(self._timeout)}
         with translated(what):
-            response = await self._token_client.get(realm, params=params, auth=credentials,
-                                                    follow_redirects=False)
-            raise_for_status(response, what)
             try:
-                data = response.json()
-                value = data.get("token") or data.get("access_token")
-            except (ValueError, AttributeError):
-                value, data = None, {}
+                async with self._token_client.stream("GET", realm, params=params, auth=credentials,
+                                                     follow_redirects=False, extensions=extensions) as response:
+                    raise_for_status(response, what)
+                    body = await read_small(response, what)
+            except DestinationRefused as exc:
+                raise UpstreamInvalid(f"{what}: refused the token realm: {exc.reason}", detail(None)) from None
+        try:
+            data = parse_json(body, what)
+        except UpstreamInvalid as exc:  # a token service answering nonsense is as good as down
+            raise UpstreamUnavailable(f"{exc.message}: no token in it", detail(200)) from exc
+        value = (data.get("token") or data.get("access_token")) if isinstance(data, dict) else None
         if not isinstance(value, str) or not value:
             raise UpstreamUnavailable(f"{what}: the answer holds no token", detail(200))
         return Token(value, self._expiry(data))

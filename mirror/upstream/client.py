@@ -6,12 +6,25 @@ does the network I/O on threads (``transport.py``). Repository names are the ups
 Bodies are asked for without content coding (``Accept-Encoding: identity``) and the bytes received are
 checked against ``Content-Length``: a short body is UpstreamUnavailable, a longer one UpstreamInvalid.
 Manifests are checked against their digest here; blob digests are the caller's to verify (the store's
-writer does). Blob GETs follow redirects to blob storage without the registry's ``Authorization``
-(see ``auth.py``); descriptor ``urls`` are never followed. Errors and their ``detail``: see ``status.py``.
+writer does). Redirects (blob storage) are followed without the registry's ``Authorization`` (see
+``auth.py``); descriptor ``urls`` are never followed. Errors and their ``detail``: see ``status.py``.
+
+What an upstream, hostile or broken, may cost (enforced as bytes arrive, see ``transport.py``):
+
+- Time. Besides ``timeout`` for connecting and for each read, a request's answer (its headers; a manifest,
+  tag list, referrers or token answer whole) must arrive within ``ANSWER_TIMEOUTS`` (3) times ``timeout``,
+  redirects and token fetches included; a blob body must average ``MIN_RATE`` (16 KiB/s) once its first
+  ``timeout`` seconds are over (``n`` bytes by ``timeout + n / MIN_RATE`` seconds after its headers). A
+  request that misses either fails with UpstreamUnavailable (a blob already streaming to clients is cut).
+- Size. A small answer (manifest, tag list page, referrers, token answer, a redirect's body) is at most
+  ``MAX_ANSWER_SIZE`` (4 MiB), and its JSON nests at most ``MAX_JSON_DEPTH`` (64) arrays and objects deep,
+  checked once here (``status.parse_json``) before anything else parses it: else UpstreamInvalid.
+- Destinations. At most ``MAX_REDIRECTS`` (5) redirects are followed, each, like a token realm, only to the
+  upstream's own origin or to addresses the policy of ``destinations.py`` admits (public ones, or of the
+  upstream's own kind): a refusal is UpstreamInvalid naming the redirect or realm, before any connection to it.
 """
 from __future__ import annotations
 
-import json
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -21,11 +34,20 @@ import httpx
 
 from mirror.config import Upstream
 from mirror.digest import Digest
-from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamNotFound, UpstreamUnavailable
-from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, MAX_MANIFEST_SIZE, OCI_INDEX, OCI_MANIFEST
+from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamNotFound
+from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from mirror.upstream.auth import RegistryAuth
-from mirror.upstream.status import detail, raise_for_status, translated
-from mirror.upstream.transport import ThreadedTransport, Urllib3Transport
+from mirror.upstream.destinations import MAX_REDIRECTS, DestinationRefused, Destinations
+from mirror.upstream.status import (
+    checked_body,
+    content_length,
+    detail,
+    parse_json,
+    raise_for_status,
+    read_small,
+    translated,
+)
+from mirror.upstream.transport import ADMIT, DEADLINES, Deadlines, ThreadedTransport, Urllib3Transport
 
 MAX_REQUESTS = 64  # in flight to one upstream at once
 KEEPALIVE = 16  # idle connections kept per host
@@ -55,12 +77,12 @@ class BlobStream:
             self.size = None if match[2] == "*" else int(match[2])
         else:
             self._skip = offset  # the upstream ignored the Range header and sends everything
-            self.size = _content_length(response)
+            self.size = content_length(response)
 
     async def aiter(self, chunk_size: int | None = None) -> AsyncIterator[bytes]:
         """The bytes from ``offset`` to the end, in chunks of ``chunk_size`` (default: as they arrive)."""
         skip = self._skip
-        async for chunk in _checked_body(self._response, self._what, chunk_size):
+        async for chunk in checked_body(self._response, self._what, chunk_size):
             if skip:
                 if len(chunk) <= skip:
                     skip -= len(chunk)
@@ -84,8 +106,9 @@ class UpstreamClient:
         options = {"transport": transport or upstream_transport(), "timeout": timeout, "trust_env": False,
                    "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
         self._token_http = httpx.AsyncClient(**options)
-        self._http = httpx.AsyncClient(base_url=upstream.url, follow_redirects=True,
-                                       auth=RegistryAuth(upstream, self._token_http, clock), **options)
+        self._http = httpx.AsyncClient(base_url=upstream.url, auth=RegistryAuth(upstream, self._token_http, clock),
+                                       **options)
+        self._destinations = Destinations(upstream.url)
 
     async def ping(self) -> None:
         """Check that the upstream answers ``/v2/`` (authenticating if it asks to)."""
@@ -97,7 +120,7 @@ class UpstreamClient:
         what = _manifest_what(repo, reference)
         async with self._send("HEAD", f"/v2/{repo}/manifests/{reference}", what, _ACCEPT) as response:
             claimed = _claimed_digest(response, what)
-            size = _content_length(response)
+            size = content_length(response)
             media_type = _media_type(response, what)
         if claimed is None or size is None:  # not every registry says on HEAD: ask with a GET
             body, media_type, digest = await self.get_manifest(repo, reference)
@@ -113,23 +136,17 @@ class UpstreamClient:
         async with self._send("GET", f"/v2/{repo}/manifests/{reference}", what, _ACCEPT) as response:
             media_type = _media_type(response, what)
             expected = _reference_digest(reference) or _claimed_digest(response, what)
-            size = _content_length(response)
-            if size is not None and size > MAX_MANIFEST_SIZE:
-                raise UpstreamInvalid(f"{what}: manifest of {size} bytes is over the limit", detail(200))
-            body = bytearray()
-            async for chunk in _checked_body(response, what):
-                body += chunk
-                if len(body) > MAX_MANIFEST_SIZE:
-                    raise UpstreamInvalid(f"{what}: manifest is over the size limit", detail(200))
-        digest = Digest.of(bytes(body), expected.algorithm if expected else "sha256")
+            body = await read_small(response, what)
+        digest = Digest.of(body, expected.algorithm if expected else "sha256")
         if expected is not None and digest != expected:
             raise UpstreamInvalid(f"{what}: body has digest {digest}, expected {expected}", detail(200))
-        return bytes(body), media_type, digest
+        parse_json(body, what)  # bounded in depth before anything else parses it
+        return body, media_type, digest
 
     async def head_blob(self, repo: str, digest: Digest) -> int | None:
         """The size of blob ``digest`` in ``repo`` (None when not said); UpstreamNotFound when it lacks it."""
         async with self._send("HEAD", f"/v2/{repo}/blobs/{digest}", f"blob {repo}@{digest}") as response:
-            return _content_length(response)
+            return content_length(response)
 
     async def tags(self, repo: str) -> list[str]:
         """Every tag of ``repo``, following the ``Link`` pages (at most ``MAX_TAG_PAGES`` of them)."""
@@ -155,7 +172,7 @@ class UpstreamClient:
                 body, _, _ = await self.get_manifest(repo, f"{subject.algorithm}-{subject.hex}")
             except UpstreamNotFound:
                 return []
-            index = json.loads(body) if body.strip().startswith(b"{") else None
+            index = parse_json(body, what)
         manifests = index.get("manifests") if isinstance(index, dict) else None
         if not isinstance(manifests, list):
             raise UpstreamInvalid(f"{what}: not an image index", detail(200))
@@ -166,7 +183,7 @@ class UpstreamClient:
         """Open a blob for streaming from ``offset`` on; the connection is released on leaving the block."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         what = f"blob {repo}@{digest}"
-        async with self._send("GET", f"/v2/{repo}/blobs/{digest}", what, headers) as response:
+        async with self._send("GET", f"/v2/{repo}/blobs/{digest}", what, headers, streamed=True) as response:
             yield BlobStream(response, offset, what)
 
     async def close(self) -> None:
@@ -176,49 +193,47 @@ class UpstreamClient:
 
     async def _json(self, method: str, path: str, what: str,
                     headers: dict[str, str] | None = None) -> tuple[object, str | None]:
-        """A small JSON answer (at most ``MAX_MANIFEST_SIZE`` bytes) and the path of its ``Link`` next page."""
+        """A small JSON answer (``status.read_small``, ``parse_json``) and the path of its ``Link`` next page."""
         async with self._send(method, path, what, headers) as response:
-            body = bytearray()
-            async for chunk in _checked_body(response, what):
-                body += chunk
-                if len(body) > MAX_MANIFEST_SIZE:
-                    raise UpstreamInvalid(f"{what}: answer is over the size limit", detail(200))
+            body = await read_small(response, what)
             link = _NEXT_LINK.search(response.headers.get("link", ""))
-        try:
-            return json.loads(body), link[1] if link and link[1].startswith("/v2/") else None
-        except ValueError as exc:
-            raise UpstreamInvalid(f"{what}: not JSON", detail(200)) from exc
+        return parse_json(body, what), link[1] if link and link[1].startswith("/v2/") else None
 
     @asynccontextmanager
-    async def _send(self, method: str, path: str, what: str,
-                    headers: dict[str, str] | None = None) -> AsyncIterator[httpx.Response]:
+    async def _send(self, method: str, path: str, what: str, headers: dict[str, str] | None = None, *,
+                    streamed: bool = False) -> AsyncIterator[httpx.Response]:
+        """The answer to a request, redirects followed; a small answer unless ``streamed`` (see ``Deadlines``)."""
+        extensions = {ADMIT: self._destinations.admit, DEADLINES: Deadlines(self.upstream.timeout, streamed=streamed)}
         with translated(what):
-            response = await self._http.send(self._http.build_request(method, path, headers=headers),
-                                             stream=True)
+            response = await self._exchange(self._http.build_request(method, path, headers=headers,
+                                                                     extensions=extensions), what)
         try:
             raise_for_status(response, what)
             yield response
         finally:
             await response.aclose()
 
-
-async def _checked_body(response: httpx.Response, what: str, chunk_size: int | None = None,
-                        ) -> AsyncIterator[bytes]:
-    """The body, its bytes on the wire checked against Content-Length when the upstream gave one."""
-    expected = _content_length(response)
-    with translated(what):
-        async for chunk in response.aiter_bytes(chunk_size):
-            if expected is not None and response.num_bytes_downloaded > expected:
-                raise UpstreamInvalid(f"{what}: more bytes than the {expected} announced", detail(200))
-            yield chunk
-    if expected is not None and response.num_bytes_downloaded < expected:
-        raise UpstreamUnavailable(f"{what}: body truncated at {response.num_bytes_downloaded} of {expected} "
-                                  "bytes", detail(response.status_code))
-
-
-def _content_length(response: httpx.Response) -> int | None:
-    value = response.headers.get("content-length", "")
-    return int(value) if value.isdigit() else None
+    async def _exchange(self, request: httpx.Request, what: str) -> httpx.Response:
+        """Send ``request``, then follow at most ``MAX_REDIRECTS`` redirects, to where ``Destinations`` admits."""
+        response = await self._http.send(request, stream=True)
+        hops = 0
+        while (hop := response.next_request) is not None:
+            try:
+                await read_small(response, what)  # read, so that its connection can serve again
+            finally:
+                await response.aclose()
+            hops += 1
+            if hops > MAX_REDIRECTS:
+                raise UpstreamInvalid(f"{what}: more than {MAX_REDIRECTS} redirects", detail(response.status_code))
+            if hop.url.scheme not in ("http", "https"):
+                raise UpstreamInvalid(f"{what}: refused to follow the redirect to {hop.url}: not http or https",
+                                      detail(response.status_code))
+            try:  # without auth: the upstream's credentials are for its own requests (auth.py)
+                response = await self._http.send(hop, stream=True, auth=None)
+            except DestinationRefused as exc:
+                raise UpstreamInvalid(f"{what}: refused to follow the redirect to {hop.url}: {exc.reason}",
+                                      detail(response.status_code)) from None
+        return response
 
 
 def _media_type(response: httpx.Response, what: str) -> str:

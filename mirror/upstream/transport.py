@@ -10,21 +10,80 @@ The synchronous transport is urllib3 rather than httpx's own (httpcore): urllib3
 standard library's buffered socket reader, which copies each byte once, from the kernel straight into the
 chunk handed on, where httpcore's parser (h11) copies it four more times while holding the GIL. For a cold
 256 MiB blob that was most of the difference between being behind the Distribution registry and level with it.
+
+Two request extensions, which the client sets on every request (``client.py``), are enforced here, where
+connections are opened and bytes arrive, on the thread doing that work:
+
+- ``ADMIT``: ``admit(scheme, host, port, addresses)``, which raises to refuse a destination
+  (``destinations.py``). A new connection resolves its host, has every address judged, and connects only to
+  those addresses, so the host cannot resolve elsewhere in between.
+- ``DEADLINES``: the request's ``Deadlines``. Every read from the socket, of headers or body, is reported to
+  them, and one that comes too late raises ``httpx.ReadTimeout`` there and then: a body read ``READ_SIZE``
+  bytes at a time is checked while it arrives, and a trickling upstream holds neither a client nor a thread
+  past its deadline.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
+import ssl
 import threading
-from collections.abc import AsyncIterator, Iterator
+import time
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import urllib3
+from urllib3 import connection as urllib3_connection
 from urllib3 import exceptions as urllib3_errors
+from urllib3.util.connection import allowed_gai_family, create_connection
 
 READ_SIZE = 1 << 20  # bytes of a response body read at a time
 READ_AHEAD = 8  # chunks of a response body received before the loop asks for them
+ANSWER_TIMEOUTS = 3  # an answer's headers, and a small answer's body, arrive within this many `timeout`s
+MIN_RATE = 16 * 1024  # bytes a second a streamed body must average once its first `timeout` seconds are over
+ADMIT = "mirror.admit"  # request extension: admit(scheme, host, port, addresses), raising to refuse
+DEADLINES = "mirror.deadlines"  # request extension: the request's Deadlines
+
+_Admit = Callable[[str, str, int, Sequence[str]], None]
+_current = threading.local()  # admit and arrived of the request (or body) this thread is working for
+
+
+class Deadlines:
+    """The deadlines of one upstream request, its redirects and auth retries included, checked as bytes arrive.
+
+    Its answer (the headers; a small answer's body too) must be complete within ``ANSWER_TIMEOUTS`` times
+    ``timeout`` of the request's start. A ``streamed`` body (a blob) must arrive at ``MIN_RATE`` bytes a second
+    on average, counted from its headers, after a grace of ``timeout`` seconds: ``n`` bytes by
+    ``timeout + n / MIN_RATE`` seconds.
+    """
+
+    def __init__(self, timeout: float, *, streamed: bool = False, clock: Callable[[], float] = time.monotonic):
+        self.timeout, self.streamed, self._clock = timeout, streamed, clock
+        self._body_start, self._body_received = clock(), 0
+        self.answer_by = self._body_start + ANSWER_TIMEOUTS * timeout
+
+    def answer(self, received: int) -> None:
+        """Raise httpx.ReadTimeout if the answer is late (called after every read of it, ``received`` bytes)."""
+        if self._clock() > self.answer_by:
+            raise httpx.ReadTimeout(f"no complete answer within {ANSWER_TIMEOUTS * self.timeout:g} s "
+                                    f"({ANSWER_TIMEOUTS} times the upstream's timeout)")
+
+    def started_body(self) -> None:
+        """Note that the headers arrived: a streamed body keeps pace from now on."""
+        self._body_start, self._body_received = self._clock(), 0
+
+    def body(self, received: int) -> None:
+        """Count ``received`` more bytes of the body; raise httpx.ReadTimeout if it is late."""
+        if not self.streamed:
+            self.answer(received)
+            return
+        self._body_received += received
+        elapsed = self._clock() - self._body_start
+        if elapsed > self.timeout + self._body_received / MIN_RATE:
+            raise httpx.ReadTimeout(f"{self._body_received} bytes of the body in {elapsed:.1f} s, under the minimum "
+                                    f"of {MIN_RATE} bytes/s after the first {self.timeout:g} s")
 
 
 class Urllib3Transport(httpx.BaseTransport):
@@ -35,20 +94,25 @@ class Urllib3Transport(httpx.BaseTransport):
     """
 
     def __init__(self, keepalive: int):
-        self._pools = urllib3.PoolManager(maxsize=keepalive, ssl_context=httpx.create_ssl_context(trust_env=False),
-                                          retries=False)
+        context = httpx.create_ssl_context(trust_env=False)
+        context.sslsocket_class = _CountingSSLSocket
+        self._pools = urllib3.PoolManager(maxsize=keepalive, ssl_context=context, retries=False)
+        self._pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and return the response with its body still to be read."""
         timeout = request.extensions.get("timeout", {})
-        with _httpx_errors():
+        deadlines: Deadlines | None = request.extensions.get(DEADLINES)
+        with _httpx_errors(), _working_for(request.extensions.get(ADMIT), deadlines and deadlines.answer):
             response = self._pools.urlopen(
                 request.method, str(request.url), body=request.read() or None,
                 headers=urllib3.HTTPHeaderDict(request.headers.multi_items()),
                 timeout=urllib3.Timeout(connect=timeout.get("connect"), read=timeout.get("read")),
                 redirect=False, retries=False, preload_content=False, decode_content=False)
+        if deadlines is not None:
+            deadlines.started_body()
         return httpx.Response(response.status, headers=list(response.headers.items()),
-                              stream=_Urllib3Body(response),
+                              stream=_Urllib3Body(response, deadlines and deadlines.body),
                               extensions={"http_version": b"HTTP/1.1", "reason_phrase": response.reason.encode()})
 
     def close(self) -> None:
@@ -60,18 +124,112 @@ class _Urllib3Body(httpx.SyncByteStream):
     """A response body read ``READ_SIZE`` bytes at a time; its connection goes back to the pool once read
     to the end, and is closed if the body is closed before that."""
 
-    def __init__(self, response: urllib3.BaseHTTPResponse):
-        self._response = response
+    def __init__(self, response: urllib3.BaseHTTPResponse, arrived: Callable[[int], None] | None = None):
+        self._response, self._arrived = response, arrived
 
     def __iter__(self) -> Iterator[bytes]:
         with _httpx_errors():
-            while chunk := self._response.read(READ_SIZE, decode_content=False):
+            while True:
+                with _working_for(arrived=self._arrived):
+                    chunk = self._response.read(READ_SIZE, decode_content=False)
+                if not chunk:
+                    return
                 yield chunk
 
     def close(self) -> None:
         """Let the connection go: closed unless the body was read to its end (then it is pooled already)."""
         self._response.close()
         self._response.release_conn()
+
+
+@contextlib.contextmanager
+def _working_for(admit: _Admit | None = None, arrived: Callable[[int], None] | None = None) -> Iterator[None]:
+    """Let the connections and sockets this thread uses inside the block apply ``admit`` and report reads to
+    ``arrived``."""
+    _current.admit, _current.arrived = admit, arrived
+    try:
+        yield
+    finally:
+        _current.admit = _current.arrived = None
+
+
+def _arrived(received: int) -> None:
+    """Report a read of ``received`` bytes to the deadlines of the request this thread works for."""
+    arrived = getattr(_current, "arrived", None)
+    if arrived is not None:
+        arrived(received)
+
+
+class _CountingSocket(socket.socket):
+    """A plain socket whose reads are reported (``_arrived``)."""
+
+    def recv_into(self, buffer, nbytes=0, flags=0):  # noqa: ANN001, ANN201 - socket.socket's signature
+        received = super().recv_into(buffer, nbytes, flags)
+        _arrived(received)
+        return received
+
+
+class _CountingSSLSocket(ssl.SSLSocket):
+    """A TLS socket whose reads are reported (``_arrived``); the transport's SSL context makes these."""
+
+    def recv_into(self, buffer, nbytes=None, flags=0):  # noqa: ANN001, ANN201 - ssl.SSLSocket's signature
+        received = super().recv_into(buffer, nbytes, flags)
+        _arrived(received)
+        return received
+
+
+def _counting(sock: socket.socket) -> _CountingSocket:
+    """``sock`` as a _CountingSocket (the same connection)."""
+    timeout = sock.gettimeout()
+    counting = _CountingSocket(sock.family, sock.type, sock.proto, sock.detach())
+    counting.settimeout(timeout)
+    return counting
+
+
+class _AdmittedConnection:
+    """What urllib3's connections do differently here: with an ``admit``, resolve the host, have every
+    address judged, and connect only to those; and make the socket report its reads."""
+
+    _scheme: str
+
+    def _new_conn(self) -> socket.socket:
+        admit: _Admit | None = getattr(_current, "admit", None)
+        if admit is None:
+            return _counting(super()._new_conn())
+        host, port = self.host, self.port
+        try:
+            found = socket.getaddrinfo(host, port, allowed_gai_family(), socket.SOCK_STREAM)
+        except socket.gaierror as exc:
+            raise urllib3_errors.NameResolutionError(host, self, exc) from exc
+        addresses = list(dict.fromkeys(str(info[4][0]) for info in found))
+        admit(self._scheme, host, port, addresses)
+        failure: OSError | None = None
+        for address in addresses:
+            try:
+                return _counting(create_connection(
+                    (address, port), self.timeout, source_address=self.source_address,
+                    socket_options=self.socket_options))
+            except OSError as exc:
+                failure = exc
+        if isinstance(failure, TimeoutError):
+            raise urllib3_errors.ConnectTimeoutError(self, f"Connection to {host} timed out") from failure
+        raise urllib3_errors.NewConnectionError(self, f"Failed to establish a new connection: {failure}") from failure
+
+
+class _HTTPConnection(_AdmittedConnection, urllib3_connection.HTTPConnection):
+    _scheme = "http"
+
+
+class _HTTPSConnection(_AdmittedConnection, urllib3_connection.HTTPSConnection):
+    _scheme = "https"
+
+
+class _HTTPPool(urllib3.HTTPConnectionPool):
+    ConnectionCls = _HTTPConnection
+
+
+class _HTTPSPool(urllib3.HTTPSConnectionPool):
+    ConnectionCls = _HTTPSConnection
 
 
 @contextlib.contextmanager
