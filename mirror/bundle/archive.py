@@ -1,7 +1,10 @@
 """Tar bytes of a bundle: streaming members out (optionally split into parts) and reading them back in.
 
 Writing never holds a member in memory: a header is written from the size announced, then the bytes
-stream through. The output appears under its final name only when complete.
+stream through. The output appears under its final name only when complete. Reading trusts no size a header
+announces: the headers of one member are read within ``CHUNK`` bytes, a member's bytes in reads of at most
+``CHUNK``, and only the small JSON members are read whole, within their bounds (``format.MAX_JSON_MEMBER``,
+``format.MAX_SIGNATURE``).
 """
 from __future__ import annotations
 
@@ -14,12 +17,15 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from mirror.bundle.format import BUNDLE_JSON, SIGNATURE
+from mirror.bundle.format import BUNDLE_JSON, MAX_JSON_MEMBER, MAX_SIGNATURE, SIGNATURE
 from mirror.errors import BundleInvalid, StorageError
 
 BLOCK = tarfile.BLOCKSIZE
 RECORD = tarfile.RECORDSIZE
 CHUNK = 1 << 20
+# What tarfile raises on a damaged archive: its own errors, and on crafted headers ValueError and IndexError (GNU
+# sparse maps) and RecursionError (it reads a chain of pax headers recursively).
+TAR_ERRORS = (tarfile.TarError, OSError, EOFError, ValueError, IndexError, RecursionError)
 
 
 def part_name(output: Path, index: int) -> Path:
@@ -188,6 +194,35 @@ class PartsReader(io.RawIOBase):
         super().close()
 
 
+class _BoundedReader(io.BufferedReader):
+    """The archive as tarfile reads it: no read over ``CHUNK`` bytes, nor over ``budget`` bytes in all while set.
+
+    tarfile reads pax and GNU long-name data whole, and GNU sparse maps block after block, as headers announce.
+    """
+
+    def __init__(self, raw: io.RawIOBase):
+        super().__init__(raw, CHUNK)
+        self.budget: int | None = None
+
+    def read(self, size: int | None = -1) -> bytes:
+        """At most ``size`` bytes; raise BundleInvalid when ``size`` is unbounded or over the limits."""
+        limit = CHUNK if self.budget is None else min(CHUNK, self.budget)
+        if size is None or not 0 <= size <= limit:
+            raise BundleInvalid(f"the tar headers of a member are over the {CHUNK} byte limit")
+        if self.budget is not None:
+            self.budget -= size
+        return super().read(size)
+
+    @contextlib.contextmanager
+    def headers(self) -> Iterator[None]:
+        """Within this, tarfile reads the headers of one member: ``CHUNK`` bytes in all."""
+        self.budget = CHUNK
+        try:
+            yield
+        finally:
+            self.budget = None
+
+
 def resolve_parts(paths: Sequence[str | Path]) -> list[Path]:
     """The files making up a bundle: as given, or ``OUT.tar.000``... when only ``OUT.tar`` is named."""
     found = [Path(path) for path in paths]
@@ -209,17 +244,27 @@ class BundleArchive:
         self._reader = PartsReader(self.paths)
         self.size = self._reader.size
         try:
-            self._tar = tarfile.open(fileobj=io.BufferedReader(self._reader, CHUNK), mode="r:")  # noqa: SIM115
+            self._open()
+        except BaseException:
+            self._reader.close()
+            raise
+
+    def _open(self) -> None:
+        self._file = _BoundedReader(self._reader)
+        try:
+            with self._file.headers():
+                self._tar = tarfile.open(fileobj=self._file, mode="r:")  # noqa: SIM115 - reads the first header
             first = self._tar.next()
-        except (tarfile.TarError, OSError, EOFError) as exc:
+        except TAR_ERRORS as exc:
             raise BundleInvalid(f"{self.paths[0]}: not a tar archive ({exc})") from exc
         if first is None or first.name != BUNDLE_JSON or not first.isfile():
             raise BundleInvalid(f"{self.paths[0]}: the first member is not {BUNDLE_JSON} (not a bundle?)")
-        self.bundle_json = self._read(first)
+        self.bundle_json = self.read(first.name, first.size, self._tar.extractfile(first), MAX_JSON_MEMBER)
         self.signature: bytes | None = None
         self._next = self._advance()
-        if self._next is not None and self._next.name == SIGNATURE:
-            self.signature = self._read(self._next)
+        if self._next is not None and self._next.name == SIGNATURE and self._next.isfile():
+            member = self._next
+            self.signature = self.read(member.name, member.size, self._tar.extractfile(member), MAX_SIGNATURE)
             self._next = self._advance()
 
     def members(self) -> Iterator[tuple[str, int, BinaryIO | None]]:
@@ -237,19 +282,24 @@ class BundleArchive:
         except (tarfile.TarError, OSError) as exc:
             raise BundleInvalid(f"the bundle is truncated (all parts given, in order?): {exc}") from exc
 
+    def read(self, name: str, size: int, file: BinaryIO | None, limit: int) -> bytes:
+        """Member ``name`` of ``size`` bytes, whole; BundleInvalid if it is truncated or (unread) over ``limit``."""
+        if size > limit:
+            raise BundleInvalid(f"{name} is {size} bytes, over the {limit} byte limit")
+        data = b"".join(self.chunks(file)) if file is not None else b""
+        if len(data) != size:
+            raise BundleInvalid(f"{name}: truncated")
+        return data
+
     def _advance(self) -> tarfile.TarInfo | None:
         try:
-            return self._tar.next()
-        except (tarfile.TarError, OSError, EOFError) as exc:
+            with self._file.headers():
+                member = self._tar.next()
+        except TAR_ERRORS as exc:
             raise BundleInvalid(f"the bundle is truncated or damaged after byte {self._reader.tell()} "
                                 f"(all parts given, in order?): {exc}") from exc
-
-    def _read(self, member: tarfile.TarInfo) -> bytes:
-        file = self._tar.extractfile(member)
-        data = file.read() if file else b""
-        if len(data) != member.size:
-            raise BundleInvalid(f"{member.name}: truncated")
-        return data
+        self._tar.members.clear()  # tarfile keeps every header it read; how many there are is the sender's choice
+        return member
 
     def close(self) -> None:
         """Close the files."""

@@ -200,11 +200,15 @@ async def _write(sources: Sources, plan: Plan, bundle: Bundle, key: Any, output:
                  mtime: int) -> list[Path]:
     try:
         tar = TarWriter(output, mtime)
-        bundle_json = bundle.to_json()
+        bundle_json, layout = bundle.to_json(), _layout_members(plan, bundle)
+        for name, data in [(format.BUNDLE_JSON, bundle_json), *layout]:
+            if len(data) > format.MAX_JSON_MEMBER:
+                raise BundleError(f"{name} would be {len(data)} bytes, over the {format.MAX_JSON_MEMBER} byte "
+                                  f"limit of readers: export fewer images per bundle")
         tar.add(format.BUNDLE_JSON, bundle_json)
         if key is not None:
             tar.add(format.SIGNATURE, signing.sign(key, bundle_json))
-        for name, data in _layout_members(plan, bundle):
+        for name, data in layout:
             tar.add(name, data)
         with Progress("export", sum(blob.size for blob in bundle.included)) as progress:
             for blob in bundle.included:
@@ -260,9 +264,11 @@ def read_base(path: str) -> tuple[Base, set[Digest]]:
     first = resolve_parts([path])[0]
     with open(first, "rb") as file:
         is_json = file.read(1) == b"{"
+        file.seek(0)
+        data = file.read(format.MAX_INVENTORY + 1) if is_json else b""
     if is_json:
-        data = first.read_bytes()
-        is_inventory = format.parse_json(data, path).get("format") == format.INVENTORY_FORMAT
+        document = format.parse_json(data, path, format.MAX_INVENTORY)
+        is_inventory = isinstance(document, dict) and document.get("format") == format.INVENTORY_FORMAT
         kind = "inventory" if is_inventory else "bundle"
     else:
         with BundleArchive([path]) as archive:

@@ -11,6 +11,9 @@ from typing import Any
 
 from mirror.digest import Digest
 from mirror.errors import BundleInvalid, MirrorError
+from mirror.manifest import load_json
+from mirror.reference import Reference
+from mirror.storage.paths import check_tag
 
 FORMAT = "mirror-bundle"
 INVENTORY_FORMAT = "mirror-inventory"
@@ -22,6 +25,10 @@ OCI_LAYOUT = "oci-layout"
 INDEX_JSON = "index.json"
 DOCKER_MANIFEST = "manifest.json"
 BLOBS_PREFIX = "blobs/"
+
+MAX_JSON_MEMBER = 16 * 2**20  # bundle.json, oci-layout, index.json, manifest.json
+MAX_SIGNATURE = 64 * 2**10
+MAX_INVENTORY = 64 * 2**20
 
 REF_NAME = "org.opencontainers.image.ref.name"
 CONTAINERD_NAME = "io.containerd.image.name"
@@ -114,8 +121,8 @@ class Bundle:
 
     @classmethod
     def from_json(cls, data: bytes) -> Bundle:
-        """Parse ``bundle.json``; raise BundleInvalid when it is not a bundle of a version this reads."""
-        document = _object(data, BUNDLE_JSON)
+        """Parse ``bundle.json`` (bounded in size and nesting); BundleInvalid if it is not a bundle this reads."""
+        document = _object(data, BUNDLE_JSON, MAX_JSON_MEMBER)
         if document.get("format") != FORMAT:
             raise BundleInvalid(f"{BUNDLE_JSON}: format is {document.get('format')!r}, not {FORMAT!r}")
         if document.get("version") != VERSION:
@@ -123,7 +130,7 @@ class Bundle:
                                 f"(this mirror reads version {VERSION})")
         try:
             base = document.get("base")
-            return cls(
+            bundle = cls(
                 created=str(document["created"]),
                 images=tuple(_image(image) for image in document["images"]),
                 blobs=tuple(_blob(blob) for blob in document["blobs"]),
@@ -133,6 +140,12 @@ class Bundle:
             )
         except (KeyError, TypeError, AttributeError, MirrorError) as exc:
             raise BundleInvalid(f"{BUNDLE_JSON}: malformed ({_why(exc)})") from exc
+        listed: set[Digest] = set()
+        for blob in bundle.blobs:
+            if blob.digest in listed:
+                raise BundleInvalid(f"{BUNDLE_JSON}: malformed (blob {blob.digest} is listed twice)")
+            listed.add(blob.digest)
+        return bundle
 
 
 @dataclass(frozen=True)
@@ -149,8 +162,8 @@ class Inventory:
 
     @classmethod
     def from_json(cls, data: bytes) -> Inventory:
-        """Parse ``inventory.json``; raise BundleInvalid when it is not one."""
-        document = _object(data, "inventory")
+        """Parse ``inventory.json`` (bounded in size and nesting); raise BundleInvalid when it is not one."""
+        document = _object(data, "inventory", MAX_INVENTORY)
         if document.get("format") != INVENTORY_FORMAT or document.get("version") != VERSION:
             raise BundleInvalid(f"not a version {VERSION} {INVENTORY_FORMAT} file")
         try:
@@ -165,16 +178,13 @@ def timestamp(when: datetime | None = None) -> str:
     return when.isoformat().replace("+00:00", "Z")
 
 
-def parse_json(data: bytes, what: str) -> Any:
-    """JSON from ``data``; raise BundleInvalid naming ``what`` when it is not JSON."""
-    try:
-        return json.loads(data)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise BundleInvalid(f"{what}: not valid JSON ({exc})") from exc
+def parse_json(data: bytes, what: str, max_size: int = MAX_JSON_MEMBER) -> Any:
+    """JSON from ``data``, bounded in size and nesting (``manifest.load_json``); else BundleInvalid naming ``what``."""
+    return load_json(data, what, max_size=max_size, error=BundleInvalid)
 
 
-def _object(data: bytes, what: str) -> dict[str, Any]:
-    document = parse_json(data, what)
+def _object(data: bytes, what: str, max_size: int) -> dict[str, Any]:
+    document = parse_json(data, what, max_size)
     if not isinstance(document, dict):
         raise BundleInvalid(f"{what}: not a JSON object")
     return document
@@ -192,15 +202,20 @@ def _image_json(image: ImageEntry) -> dict[str, Any]:
 
 
 def _image(raw: dict[str, Any]) -> ImageEntry:
-    source, layout = raw.get("sourceDigest"), raw.get("layoutIndex")
+    source, layout, reference = raw.get("sourceDigest"), raw.get("layoutIndex"), raw["reference"]
+    Reference.parse(reference, None)  # the importer publishes under it
     return ImageEntry(
-        reference=str(raw["reference"]), digest=Digest.parse(raw["digest"]), media_type=str(raw["mediaType"]),
+        reference=reference, digest=Digest.parse(raw["digest"]), media_type=str(raw["mediaType"]),
         source_digest=Digest.parse(source) if source else None,
         dropped_platforms=tuple(str(p) for p in raw.get("droppedPlatforms", [])),
-        referrers=tuple(Referrer(Digest.parse(r["digest"]), str(r["mediaType"]), r.get("tag"))
-                        for r in raw.get("referrers", [])),
+        referrers=tuple(_referrer(r) for r in raw.get("referrers", [])),
         layout_index=Digest.parse(layout) if layout else None,
     )
+
+
+def _referrer(raw: dict[str, Any]) -> Referrer:
+    tag = raw.get("tag")
+    return Referrer(Digest.parse(raw["digest"]), str(raw["mediaType"]), None if tag is None else check_tag(tag))
 
 
 def _blob(raw: dict[str, Any]) -> BlobEntry:

@@ -1,15 +1,20 @@
 """``mirror bundle import``: verify and stream a bundle into the store, then publish its images.
 
-Order, so that a client never sees half an image and a failure changes nothing it can see:
+Order, so that a client never sees half an image, nor some images of a bundle, and a failure changes nothing it
+can see:
 
-1. the signature is checked (when keys are trusted) and a delta's base blobs are looked up in the store;
-   either failing refuses the bundle before anything is written;
+1. the signature is checked over the exact bytes of ``bundle.json`` (when keys are trusted), which are parsed only
+   then, and a delta's base blobs are looked up in the store; either failing refuses the bundle before anything is
+   written;
 2. every blob streams from the tar into the store's staging store for this bundle (``store.imports``), its
    digest and size verified on commit; blobs the store or the staging store already hold are skipped, so a rerun
-   after a kill resumes without rewriting them; a bad blob discards the staging store. Layout indexes
-   (FORMAT.md), which only the OCI layout view needs, are not imported;
-3. staged blobs are promoted into the store (on the local disk a rename: no copy);
-4. per image, manifests and blob links are written, everything is pinned, and the tag comes last.
+   after a kill resumes without rewriting them. Layout indexes (FORMAT.md), which only the OCI layout view
+   needs, are not imported;
+3. everything publishing relies on is checked, for every image (``verify.Closure``, as ``mirror bundle verify``
+   does); a bad blob or any such problem discards the staging store (the bundle can never import) and nothing
+   reaches the store;
+4. staged blobs are promoted into the store (on the local disk a rename: no copy);
+5. every image's manifests and blob links are written and pinned; then, last, every image's tags.
 """
 from __future__ import annotations
 
@@ -17,7 +22,6 @@ import sys
 from collections.abc import Sequence
 from typing import BinaryIO
 
-from mirror import manifest as manifests
 from mirror import storage
 from mirror.bundle import format, signing, verify
 from mirror.bundle.archive import BundleArchive
@@ -25,7 +29,7 @@ from mirror.bundle.format import BlobEntry, Bundle, ImageEntry
 from mirror.bundle.progress import Progress
 from mirror.config import Config
 from mirror.digest import Digest
-from mirror.errors import BundleError, BundleInvalid, DigestInvalid
+from mirror.errors import BundleError, BundleInvalid, DigestInvalid, MirrorError
 from mirror.events import Events
 from mirror.reference import Reference
 from mirror.registry import Registry
@@ -35,13 +39,13 @@ from mirror.storage.pins import Pins
 
 def run(config: Config, paths: Sequence[str], trust: Sequence[str] = ()) -> int:
     """Import the bundle made of ``paths`` into the store of ``config``; return the exit status."""
-    keys = [signing.load_public_key(path) for path in [*trust, *config.trusted_keys]]
     try:
+        keys = [signing.load_public_key(path) for path in [*trust, *config.trusted_keys]]
         with BundleArchive(paths) as archive:
             print(signing.check(archive.bundle_json, archive.signature, keys))
             bundle = Bundle.from_json(archive.bundle_json)
             Importer(config, bundle, Digest.of(archive.bundle_json)).run(archive)
-    except BundleError as exc:
+    except MirrorError as exc:
         print(f"mirror: import refused: {exc.message}", file=sys.stderr)
         return 1
     return 0
@@ -71,15 +75,13 @@ class Importer:
         staging = opened.imports.staging(key)
         try:
             written, skipped = self._stage(archive, opened.blobs, staging)
-            self._check(opened.blobs, staging)
+            closure = self._check(opened.blobs, staging)
         except BundleError:
             opened.imports.discard(key)
             raise
         for blob in self.blobs:
             opened.imports.promote(staging, blob.digest)
-        registry, events = Registry(opened), Events(self.config, opened.queues)
-        for image in self.bundle.images:
-            self._publish(registry, opened.pins, events, image)
+        self._publish(Registry(opened), opened.pins, Events(self.config, opened.queues), closure)
         opened.imports.discard(key)
         print(f"imported {len(self.bundle.images)} images: {written} blobs written, {skipped} already present "
               f"(bundle id {self.bundle_id})")
@@ -101,28 +103,40 @@ class Importer:
                     written += 1
         return written, skipped
 
-    def _check(self, store: BlobStore, staging: BlobStore) -> None:
+    def _check(self, store: BlobStore, staging: BlobStore) -> verify.Closure:
+        """Every blob is here and every image publishes as it should (``verify.Closure``), or BundleInvalid."""
         missing = [blob for blob in self.blobs
                    if blob.size not in (store.stat(blob.digest), staging.stat(blob.digest))]
         if missing:
             raise BundleInvalid("missing members: " + ", ".join(
                 f"{format.blob_member(blob.digest)} (blob {blob.digest})" for blob in missing))
 
-        def read(digest: Digest) -> bytes | None:
-            source = staging if staging.stat(digest) is not None else store
-            return source.read(digest) if source.stat(digest) is not None else None
+        def read(digest: Digest) -> bytes:
+            for source in (staging, store):
+                if source.stat(digest) is not None:
+                    return source.read(digest)
+            raise BundleInvalid(f"manifest {digest} is in neither the bundle nor the store")
 
-        problems = verify.check_closure(self.bundle, read)
-        if problems:
-            raise BundleInvalid("; ".join(problems))
+        closure = verify.Closure(self.bundle, read)
+        if closure.problems:
+            raise BundleInvalid("; ".join(closure.problems))
+        return closure
 
-    def _publish(self, registry: Registry, pins: Pins, events: Events, image: ImageEntry) -> None:
-        """Store the image's manifests and links, pin its blobs, then tag it."""
-        ref = Reference.parse(image.reference, None)
+    def _publish(self, registry: Registry, pins: Pins, events: Events, closure: verify.Closure) -> None:
+        """Store every image's manifests and links and pin them; then tag each image."""
+        refs = [Reference.parse(image.reference, None) for image in self.bundle.images]
+        for ref, published in zip(refs, closure.published, strict=True):
+            for manifest in published:  # children first
+                for digest in (Digest.parse(blob["digest"]) for blob in manifest.blobs if not blob.get("urls")):
+                    registry.metadata.link_blob(ref.store_name, digest)
+                    pins.pin(digest)
+                registry.store_manifest(ref.store_name, manifest)
+                pins.pin(manifest.digest)
+        for image, ref in zip(self.bundle.images, refs, strict=True):
+            self._tag(registry, events, image, ref)
+
+    def _tag(self, registry: Registry, events: Events, image: ImageEntry, ref: Reference) -> None:
         name = ref.store_name
-        for digest, media_type in [*((r.digest, r.media_type) for r in image.referrers),
-                                   (image.digest, image.media_type)]:
-            self._store_manifest(registry, pins, name, digest, media_type)
         for referrer in image.referrers:
             if referrer.tag:
                 registry.metadata.tag(name, referrer.tag, referrer.digest)
@@ -130,18 +144,6 @@ class Importer:
             registry.metadata.tag(name, ref.tag, image.digest)
         events.emit("import", name, ref.tag, registry.get_manifest(name, str(image.digest)))
         print(f"{image.reference}: {image.digest} published as {name}" + (f":{ref.tag}" if ref.tag else ""))
-
-    def _store_manifest(self, registry: Registry, pins: Pins, name: str, digest: Digest, media_type: str) -> None:
-        manifest = manifests.parse(registry.blobs.read(digest), media_type)
-        for child in manifest.children:
-            self._store_manifest(registry, pins, name, Digest.parse(child["digest"]), child["mediaType"])
-        for blob in manifest.blobs:
-            if not blob.get("urls"):
-                blob_digest = Digest.parse(blob["digest"])
-                registry.metadata.link_blob(name, blob_digest)
-                pins.pin(blob_digest)
-        registry.store_manifest(name, manifest)
-        pins.pin(digest)
 
 
 def _stage_blob(archive: BundleArchive, staging: BlobStore, blob: BlobEntry, file: BinaryIO,

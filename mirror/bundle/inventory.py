@@ -5,7 +5,7 @@ import sys
 from pathlib import Path
 
 from mirror import storage
-from mirror.bundle.format import Inventory, timestamp
+from mirror.bundle.format import MAX_INVENTORY, Inventory, timestamp
 from mirror.config import Config
 
 
@@ -16,6 +16,11 @@ def run(config: Config, output: str) -> int:
         print(f"mirror: the store {root} does not exist", file=sys.stderr)
         return 1
     blobs = tuple(sorted(storage.open(root).blobs.iter(), key=str))
-    Path(output).write_bytes(Inventory(timestamp(), blobs).to_json())
+    data = Inventory(timestamp(), blobs).to_json()
+    if len(data) > MAX_INVENTORY:
+        print(f"mirror: an inventory of {len(blobs)} blobs would be {len(data)} bytes, over the {MAX_INVENTORY} byte "
+              f"limit of export --base", file=sys.stderr)
+        return 1
+    Path(output).write_bytes(data)
     print(f"wrote {output}: {len(blobs)} blobs")
     return 0

@@ -17,7 +17,9 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from mirror.bundle.format import MAX_SIGNATURE, SIGNATURE
 from mirror.errors import BundleError, SignatureInvalid
+from mirror.manifest import load_json
 
 ALGORITHM = "ed25519"
 
@@ -87,12 +89,12 @@ def check(data: bytes, signature: bytes | None, trusted: Sequence[Ed25519PublicK
             raise SignatureInvalid("bad signature: the bundle is unsigned but trusted keys are configured")
         return "unsigned"
     try:
-        document = json.loads(signature)
+        document = load_json(signature, SIGNATURE, max_size=MAX_SIGNATURE, error=SignatureInvalid)
         keyid, raw = str(document["keyid"]), base64.b64decode(document["signature"], validate=True)
         if document.get("algorithm") != ALGORITHM:
             raise ValueError(f"algorithm {document.get('algorithm')!r}")
-    except (ValueError, KeyError, TypeError) as exc:
-        raise SignatureInvalid(f"bad signature: bundle.json.sig is malformed ({exc})") from exc
+    except (SignatureInvalid, ValueError, KeyError, TypeError) as exc:
+        raise SignatureInvalid(f"bad signature: {SIGNATURE} is malformed ({exc})") from exc
     if not trusted:
         return f"signed by key {keyid} (not checked: no trusted key given)"
     key = next((key for key in trusted if key_id(key) == keyid), None)
