@@ -171,10 +171,11 @@ class Registry:
         for session, mtime in list(self.blobs.sessions()):
             if mtime >= cutoff:
                 continue
-            with contextlib.suppress(MirrorError):  # finished or cancelled meanwhile
-                expired[session] = self.blobs.session_size(session)
+            with contextlib.suppress(MirrorError):  # finished or cancelled meanwhile, or being written right now
+                size = self.blobs.session_size(session)
                 if not dry_run:
                     self.blobs.writer(session).cancel()
+                expired[session] = size
         return expired
 
     def _check_session(self, name: str, session: str) -> None:
@@ -254,8 +255,11 @@ class Registry:
         """Write a validated manifest's bytes and links (used by pushes, the cache and bundle imports)."""
         if self.blobs.stat(manifest.digest) is None:
             writer = self.blobs.writer()
-            writer.write(manifest.body)
-            writer.commit(manifest.digest)
+            try:
+                writer.write(manifest.body)
+                writer.commit(manifest.digest)
+            finally:
+                writer.cancel()  # nothing after a commit; after a failure, the session and its lock go
         self.metadata.link_manifest(name, manifest.digest, manifest.media_type)
         if manifest.subject is not None:
             self.metadata.add_referrer(name, manifest.subject, manifest.digest, manifest.descriptor())

@@ -33,7 +33,7 @@ from mirror.repository import Repositories
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.server")
-MAX_BODY = 1 << 40  # uploads stream to disk, so the body size is bounded by the disk, not memory
+MAX_BODY = 1 << 40  # for routes that stream their body (uploads go to disk); the others take 16 KiB (api/app.py)
 DRAIN_SECONDS = 30.0
 UPLOAD_SWEEP_SECONDS = 3600.0
 IDLE_SECONDS = 300.0

@@ -1,8 +1,11 @@
-"""Blob store on a local file system: temp file, streaming digest, fsync, verify, ``os.replace``.
+"""Blob store on a local file system: session file, streaming digest, fsync, verify, link into ``blobs/``.
 
-A blob becomes visible only by the final rename, so a crash never leaves a partial blob in ``blobs/``.
-Writers live in ``uploads/<session>/`` and can be resumed by any process that shares the store. The garbage
-collector's trash (``state/gc-trash/``) is a second folder of blobs that readers do not see.
+A blob becomes visible only by the final link, so a crash never leaves a partial blob in ``blobs/``, and a
+committed blob is never written again: committing bytes that are there already discards the session. Writers
+live in ``uploads/<session>/`` and can be resumed by any process that shares the store, by one request at a
+time: a writer holds the ``flock`` of ``uploads/<session>/lock`` from opening to close, commit or cancel, so
+the bytes a commit verified are the bytes it publishes. The garbage collector's trash (``state/gc-trash/``) is
+a second folder of blobs that readers do not see.
 
 Also the file primitives the rest of the store is made of: atomic and create-once writes, digest folders,
 change times and ``flock`` locks.
@@ -14,7 +17,6 @@ import contextlib
 import errno
 import fcntl
 import os
-import shutil
 import tempfile
 import threading
 import uuid
@@ -24,7 +26,7 @@ from queue import SimpleQueue
 from typing import BinaryIO
 
 from mirror.digest import HEX_LENGTHS, Digest, Hasher
-from mirror.errors import BlobUnknown, BlobUploadUnknown, DigestInvalid, StorageError, StoreFull
+from mirror.errors import BlobUnknown, BlobUploadInvalid, BlobUploadUnknown, DigestInvalid, StorageError, StoreFull
 from mirror.storage.paths import Layout
 
 CHUNK = 1 << 20
@@ -80,6 +82,20 @@ def changed(path: Path) -> float:
     return max(stat.st_mtime, stat.st_ctime)
 
 
+def publish(source: Path, target: Path) -> None:
+    """Move the bytes of ``source`` to ``target`` unless ``target`` exists (content-addressed: it holds the same
+    bytes), which is then only marked as just written, for the garbage collector's grace; never replace it."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    while True:
+        with contextlib.suppress(FileExistsError):
+            os.link(source, target)
+            break
+        with contextlib.suppress(FileNotFoundError):  # else the garbage collector took it meanwhile: link it
+            os.utime(target)
+            break
+    os.unlink(source)
+
+
 class FileLock:
     """An exclusive ``flock`` on a file, held by this process until ``release`` (or its end)."""
 
@@ -87,15 +103,26 @@ class FileLock:
         self._fd = fd
 
     @classmethod
-    def take(cls, path: Path) -> FileLock | None:
-        """The lock on ``path`` (created if need be), or None while another process holds it."""
-        path.parent.mkdir(parents=True, exist_ok=True)
+    def take(cls, path: Path, removable: bool = False) -> FileLock | None:
+        """The lock on ``path`` (created if need be), or None while another holder has it: another process, or
+        another open file of it in this one.
+
+        ``removable``: holders delete ``path`` and its folder while they hold it. Then the folder is not created,
+        and FileNotFoundError is raised when it is missing or ``path`` was deleted before the lock was had.
+        """
+        if not removable:
+            path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            if removable and not os.path.samestat(os.fstat(fd), os.stat(path)):
+                raise FileNotFoundError(errno.ENOENT, "lock file deleted while it was being taken", str(path))
         except BlockingIOError:
             os.close(fd)
             return None
+        except BaseException:
+            os.close(fd)
+            raise
         return cls(fd)
 
     def release(self) -> None:
@@ -112,6 +139,19 @@ def digests_in(folder: Path) -> Iterator[Digest]:
                     yield Digest(algorithm, entry)
 
 
+def remove_session(folder: Path) -> None:
+    """Delete an upload session's folder, by the holder of its lock; the lock file goes last, so a request that
+    creates it anew meanwhile finds a session without data (see ``FilesystemBlobStore.writer``)."""
+    lock = folder / "lock"
+    with contextlib.suppress(OSError):
+        for path in folder.iterdir():
+            if path != lock:
+                path.unlink()
+    for remove in (lock.unlink, folder.rmdir):
+        with contextlib.suppress(OSError):
+            remove()
+
+
 def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
     """A hasher fed with the whole content of ``path``."""
     hasher = Hasher(algorithm)
@@ -122,13 +162,15 @@ def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
 
 
 class FileBlobWriter:
-    """A resumable upload backed by ``uploads/<session>/data``."""
+    """A resumable upload backed by ``uploads/<session>/data``, holding the session's ``lock`` until ``close``,
+    ``commit`` or ``cancel``: the only writer of the session meanwhile."""
 
-    def __init__(self, store: FilesystemBlobStore, session: str, hasher: Hasher | None):
+    def __init__(self, store: FilesystemBlobStore, session: str, lock: FileLock, hasher: Hasher | None):
         self.id = session
         self._store = store
         self._folder = store.layout.session(session)
         self.path = self._folder / "data"
+        self._lock: FileLock | None = lock
         # unbuffered, so a pull-through fetch's followers can read every byte as soon as it is written
         self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned until close/commit/cancel
         self.size = self._file.tell()
@@ -159,13 +201,17 @@ class FileBlobWriter:
         return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
 
     def close(self) -> None:
-        """Flush and keep the session for a later request."""
-        if not self._file.closed:
-            try:
-                self._file.close()
-            except OSError as exc:
-                raise storage_error(exc) from exc
-        self._store.remember(self.id, self._hasher)
+        """Flush, let the session's lock go and keep the session for a later request (nothing once the writer is
+        done: closed, committed or cancelled)."""
+        if self._lock is None:
+            return
+        try:
+            self._file.close()
+            self._store.remember(self.id, self._hasher)
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        finally:
+            self._end(remove=False)
 
     def digest(self, algorithm: str = "sha256") -> Digest | None:
         """The digest of the bytes written so far, when they were hashed with ``algorithm`` on the way in."""
@@ -174,7 +220,9 @@ class FileBlobWriter:
         return None
 
     def commit(self, expected: Digest | None = None) -> Digest:
-        """Verify, fsync and rename into ``blobs/``; on a mismatch the session is kept and DigestInvalid raised."""
+        """Fsync, verify and publish into ``blobs/``, all under the session's lock, so nothing is appended to the
+        verified bytes; a blob already there is kept as it is and the session discarded. On a mismatch the session
+        is kept, still held (``close`` or ``cancel`` it), and DigestInvalid raised."""
         try:
             self._file.flush()
             os.fsync(self._file.fileno())
@@ -185,25 +233,30 @@ class FileBlobWriter:
         hasher = self._hasher if self._hasher and self._hasher.algorithm == algorithm else None
         actual = (hasher or hash_file(self.path, algorithm)).digest()
         if expected is not None and actual != expected:
-            self._store.remember(self.id, self._hasher)
             raise DigestInvalid(f"content digest {actual} does not match {expected}",
                                 detail={"expected": str(expected), "actual": str(actual)})
-        target = self._store.layout.blob(actual)
         try:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.path, target)
+            publish(self.path, self._store.layout.blob(actual))
         except OSError as exc:
             raise storage_error(exc) from exc
-        self._store.forget(self.id)
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._end(remove=True)
         return actual
 
     def cancel(self) -> None:
-        """Delete the session and its bytes."""
+        """Delete the session and its bytes (nothing once the writer is done: the session may be another's)."""
         with contextlib.suppress(OSError):
             self._file.close()
-        self._store.forget(self.id)
-        shutil.rmtree(self._folder, ignore_errors=True)
+        self._end(remove=True)
+
+    def _end(self, remove: bool) -> None:
+        """Delete the session if ``remove``, and let its lock go: the writer is done."""
+        if self._lock is None:
+            return
+        if remove:
+            self._store.forget(self.id)
+            remove_session(self._folder)
+        self._lock.release()
+        self._lock = None
 
 
 class BackgroundAppend:
@@ -346,24 +399,36 @@ class FilesystemBlobStore:
         return changed(self.layout.blob(digest))
 
     def writer(self, session: str | None = None, repository: str | None = None) -> FileBlobWriter:
-        """A new writer (recording ``repository``), or the resumed writer of ``session``."""
-        if session is None:
-            session = uuid.uuid4().hex
-            folder = self.layout.session(session)
+        """A new writer (recording ``repository``), or the resumed writer of ``session``; raise BlobUploadInvalid
+        while another writer, of any process sharing the store, holds the session."""
+        resumed = session is not None
+        session = session or uuid.uuid4().hex
+        folder = self.layout.session(session)
+        if not resumed:
             try:
                 folder.mkdir(parents=True)
                 if repository:
                     (folder / "repository").write_text(repository)
             except OSError as exc:
                 raise storage_error(exc) from exc
-        elif not self.layout.session(session).is_dir():
-            raise BlobUploadUnknown(f"upload {session} is unknown or expired", detail={"session": session})
+        unknown = BlobUploadUnknown(f"upload {session} is unknown or expired", detail={"session": session})
         try:
-            return FileBlobWriter(self, session, self._hashers.pop(session, Hasher()))
-        except FileNotFoundError as exc:
-            raise BlobUploadUnknown(f"upload {session} is unknown or expired") from exc
+            lock = FileLock.take(folder / "lock", removable=True)
+        except FileNotFoundError:
+            raise unknown from None
         except OSError as exc:
             raise storage_error(exc) from exc
+        if lock is None:
+            raise BlobUploadInvalid(f"another request is writing to upload {session}", detail={"session": session})
+        if resumed and not (folder / "data").exists():  # the lock was made anew while its holder removed the session
+            remove_session(folder)
+            lock.release()
+            raise unknown
+        try:
+            return FileBlobWriter(self, session, lock, self._hashers.pop(session, Hasher()))
+        except OSError as exc:
+            lock.release()
+            raise (unknown if isinstance(exc, FileNotFoundError) else storage_error(exc)) from exc
 
     def session_repository(self, session: str) -> str | None:
         """The repository an upload session was opened for, or None when the session is unknown."""
@@ -416,12 +481,8 @@ class FilesystemBlobStore:
 
     def restore(self, digest: Digest) -> None:
         """Put trashed blob ``digest`` back, unless the same bytes were committed again meanwhile."""
-        source, target = self.layout.trashed(digest), self.layout.blob(digest)
-        if target.exists():
-            source.unlink(missing_ok=True)
-        else:
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+        with contextlib.suppress(FileNotFoundError):
+            publish(self.layout.trashed(digest), self.layout.blob(digest))
 
     def purge(self, digest: Digest) -> None:
         """Delete trashed blob ``digest`` for good."""

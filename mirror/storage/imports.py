@@ -3,13 +3,12 @@ them so that a rerun after a kill resumes, and expired when nobody reran an impo
 from __future__ import annotations
 
 import contextlib
-import os
 import shutil
 import time
 from pathlib import Path
 
 from mirror.digest import Digest
-from mirror.storage.filesystem import FilesystemBlobStore
+from mirror.storage.filesystem import FilesystemBlobStore, publish
 from mirror.storage.paths import Layout
 
 
@@ -24,12 +23,11 @@ class Imports:
         return FilesystemBlobStore(self.layout.import_staging(key))
 
     def promote(self, staging: FilesystemBlobStore, digest: Digest) -> None:
-        """Move verified blob ``digest`` from ``staging`` into the store by a rename (atomic, no copy); nothing
-        when ``staging`` does not hold it."""
-        source, target = staging.layout.blob(digest), self.layout.blob(digest)
+        """Move verified blob ``digest`` from ``staging`` into the store by a link (atomic, no copy, never over
+        a blob the store has); nothing when ``staging`` does not hold it."""
+        source = staging.layout.blob(digest)
         if source.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(source, target)
+            publish(source, self.layout.blob(digest))
 
     def discard(self, key: str) -> None:
         """Delete the staging store of the import ``key``."""

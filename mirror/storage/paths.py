@@ -5,6 +5,7 @@
                                                         immutable, shared by every repository
       uploads/<session>/data                            bytes of an upload or a pull-through fetch
       uploads/<session>/repository                      repository the upload belongs to
+      uploads/<session>/lock                            the session's one writer holds an flock on it
       repositories/<name>/_blobs/<alg>/<hex>            empty file: the repository may serve this blob
       repositories/<name>/_manifests/<alg>/<hex>        the manifest's media type: the repository has it
       repositories/<name>/_tags/<tag>                   the digest the tag points at
