@@ -16,9 +16,17 @@ path prefix or ``?ns=`` only the upstream's. Writes need write on the repository
 
 Tokens are JWTs signed with Ed25519 (``alg: EdDSA``) by a key generated on first start and kept in the store as
 a secret, so every worker process and every restart accepts them until they expire.
+
+Passwords are bcrypt-checked, slow on purpose, on ``PASSWORD_THREADS`` threads of their own with at most
+``PASSWORDS_WAITING`` checks waiting (``PasswordChecks``): guessers can neither stall the event loop, nor starve
+the default executor (blob commits, ``/readyz``), nor queue work without bound; a check that finds the queue
+full is refused at once (TooManyRequests: 429). Credentials verified in the last ``REMEMBER_SECONDS`` are
+remembered (a keyed hash, never the password), so clients sending Basic on every request pay bcrypt about once
+a minute and skip the queue; wrong passwords are never remembered.
 """
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import datetime
@@ -27,12 +35,16 @@ import hashlib
 import hmac
 import json
 import secrets
+import threading
 import time
 import uuid
+import weakref
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import bcrypt
 from cryptography.exceptions import InvalidSignature
@@ -40,7 +52,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mirror import config
-from mirror.errors import ConfigError, Denied, NameInvalid, StorageError, Unauthorized
+from mirror.errors import ConfigError, Denied, NameInvalid, StorageError, TooManyRequests, Unauthorized
 from mirror.storage import Store
 from mirror.storage.paths import check_name
 
@@ -54,6 +66,12 @@ KEY_FILE = "token.key"
 BCRYPT_LIMIT = 72  # bcrypt reads only the first 72 bytes of a password; htpasswd truncates the same way
 MAX_TOKEN = 8192
 CLOCK_SKEW = 30
+PASSWORD_THREADS = 2  # bcrypt checks running at once
+PASSWORDS_WAITING = 8  # and waiting for a thread, at most
+REMEMBER_SECONDS = 60.0  # how long verified credentials skip bcrypt
+REMEMBERED = 1024  # credentials remembered at most (the least recently verified are forgotten first)
+T = TypeVar("T")
+
 
 
 
@@ -74,7 +92,8 @@ class Htpasswd:
         self._entries = dict(entries)
         self._decoy = next(iter(self._entries.values()), None)
         self._secret = secrets.token_bytes(32)
-        self._verified: dict[str, bytes] = {}
+        self._verified: OrderedDict[bytes, float] = OrderedDict()  # fingerprint of user and password -> until when
+        self._lock = threading.Lock()  # checks run on the password threads, ``remembered`` on the event loop
 
     @classmethod
     def load(cls, path: Path) -> Htpasswd:
@@ -98,12 +117,21 @@ class Htpasswd:
     def __contains__(self, user: object) -> bool:
         return user in self._entries
 
+    def remembered(self, user: str, password: str) -> bool:
+        """Whether ``password`` of ``user`` was verified in the last ``REMEMBER_SECONDS`` (no bcrypt: fast)."""
+        fingerprint = self._fingerprint(user, password)
+        with self._lock:
+            until = self._verified.get(fingerprint)
+            if until is not None and until <= time.monotonic():
+                del self._verified[fingerprint]
+                until = None
+        return until is not None
+
     def check(self, user: str, password: str) -> bool:
         """Whether ``password`` is the password of ``user`` (unknown users take as long as known ones)."""
+        if self.remembered(user, password):
+            return True
         stored = self._entries.get(user)
-        fingerprint = hmac.new(self._secret, f"{user}\0{password}".encode(), hashlib.sha256).digest()
-        if stored is not None and hmac.compare_digest(self._verified.get(user, b""), fingerprint):
-            return True  # bcrypt is slow on purpose; a password once verified is remembered in this process
         if self._decoy is None:
             return False
         try:
@@ -111,8 +139,41 @@ class Htpasswd:
         except ValueError:  # a damaged entry matches no password
             valid = False
         if valid:
-            self._verified[user] = fingerprint
+            fingerprint = self._fingerprint(user, password)
+            with self._lock:
+                self._verified[fingerprint] = time.monotonic() + REMEMBER_SECONDS
+                self._verified.move_to_end(fingerprint)
+                while len(self._verified) > REMEMBERED:
+                    self._verified.popitem(last=False)
         return valid
+
+    def _fingerprint(self, user: str, password: str) -> bytes:
+        return hmac.new(self._secret, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+
+class PasswordChecks:
+    """Runs what checks Basic credentials on a few threads of its own, with a bounded queue, unless they were
+    verified lately (see the module's docstring)."""
+
+    def __init__(self, users: Htpasswd, threads: int = PASSWORD_THREADS, waiting: int = PASSWORDS_WAITING):
+        self.users = users
+        self.limit, self.pending = threads + waiting, 0
+        self._threads = ThreadPoolExecutor(threads, thread_name_prefix="mirror-passwords")
+        weakref.finalize(self, self._threads.shutdown, wait=False)  # a reload replaces the Auth and these
+
+    async def run(self, authorization: str | None, identify: Callable[[], T]) -> T:
+        """``identify()``, which checks the Basic credentials of ``authorization`` if it has any: at once when that
+        costs no bcrypt, else on the password threads; raise TooManyRequests when too many checks wait already."""
+        credentials = basic_credentials(authorization)
+        if credentials is None or self.users.remembered(*credentials):
+            return identify()
+        if self.pending >= self.limit:
+            raise TooManyRequests("too many password checks are waiting; retry shortly")
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._threads, identify)
+        finally:
+            self.pending -= 1
 
 
 @dataclass(frozen=True)
@@ -212,6 +273,7 @@ class Auth:
     def __init__(self, settings: config.Auth, users: Htpasswd, tokens: Tokens, resolve: Resolve):
         self.settings = settings
         self.users = users
+        self.passwords = PasswordChecks(users)
         self.rules = Rules(settings)
         self.tokens = tokens
         self.resolve = resolve
@@ -240,13 +302,12 @@ class Auth:
         """The caller of Basic credentials (or none: anonymous), as the token endpoint takes them."""
         if not authorization:
             return Caller(None)
-        scheme, _, credentials = authorization.partition(" ")
-        if scheme.lower() != "basic":
+        if authorization.partition(" ")[0].lower() != "basic":
             raise Unauthorized("use Basic credentials to get a token")
-        try:
-            user, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
-        except (binascii.Error, UnicodeDecodeError) as exc:
-            raise Unauthorized("malformed Basic credentials") from exc
+        credentials = basic_credentials(authorization)
+        if credentials is None:
+            raise Unauthorized("malformed Basic credentials")
+        user, password = credentials
         if not self.users.check(user, password):
             raise Unauthorized("invalid username or password")
         return Caller(user)
@@ -334,6 +395,18 @@ def signing_key(store: Store) -> Ed25519PrivateKey:
 def _new_key() -> bytes:
     return Ed25519PrivateKey.generate().private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+
+
+def basic_credentials(authorization: str | None) -> tuple[str, str] | None:
+    """The user and password of ``Authorization: Basic ...``; None for another scheme or malformed credentials."""
+    scheme, _, credentials = (authorization or "").partition(" ")
+    if scheme.lower() != "basic":
+        return None
+    try:
+        user, _, password = base64.b64decode(credentials.strip(), validate=True).decode().partition(":")
+    except (binascii.Error, UnicodeDecodeError):
+        return None
+    return user, password
 
 
 def _access_detail(name: str, action: str) -> list[dict[str, str]]:

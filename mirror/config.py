@@ -36,6 +36,7 @@ ENV_OVERRIDES = {
 
 # The actions a notification endpoint can subscribe to.
 EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
+MAX_QUEUED = 10**7  # notifications[].max_queued at most (the store's capacity bounds the queues too)
 
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9.-]+(:\d+)?")
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]i?)?b?", re.IGNORECASE)
@@ -103,6 +104,7 @@ class Endpoint:
     events: frozenset[str] = EVENT_ACTIONS
     headers: tuple[tuple[str, str], ...] = ()
     timeout: float = 5.0
+    max_queued: int = 1000  # events waiting for it at most; beyond, the oldest are dropped
 
 
 @dataclass(frozen=True)
@@ -351,7 +353,7 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
     key = f"notifications[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with url")
-    _known_keys(raw, f"{key}.", {"url", "events", "headers", "timeout"})
+    _known_keys(raw, f"{key}.", {"url", "events", "headers", "timeout", "max_queued"})
     url = _string(raw.get("url"), f"{key}.url", "a URL")
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.netloc:
@@ -370,7 +372,10 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
         if not re.fullmatch(r"[A-Za-z0-9!#$%&'*+.^_`|~-]+", name) or "\n" in value or "\r" in value:
             raise ConfigError(f"{key}.headers.{name}", "is not a valid header name and value")
     timeout = _positive(parse_duration(raw.get("timeout", Endpoint.timeout), f"{key}.timeout"), f"{key}.timeout")
-    return Endpoint(url, frozenset(events), pairs, timeout)
+    max_queued = raw.get("max_queued", Endpoint.max_queued)
+    if isinstance(max_queued, bool) or not isinstance(max_queued, int) or not 1 <= max_queued <= MAX_QUEUED:
+        raise ConfigError(f"{key}.max_queued", f"{max_queued!r:.40} is not a whole number from 1 to {MAX_QUEUED}")
+    return Endpoint(url, frozenset(events), pairs, timeout, max_queued)
 
 
 def _trusted_key(index: int, value: Any) -> Path:

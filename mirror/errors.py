@@ -18,7 +18,8 @@
     │   ├── PaginationInvalid        ``n`` or ``last`` cannot be honoured
     │   ├── Unsupported              operation is not offered (e.g. pushing into a mirror)
     │   ├── Unauthorized             caller must authenticate
-    │   └── Denied                   caller may not do this
+    │   ├── Denied                   caller may not do this
+    │   └── TooManyRequests          too much work is waiting already: retry shortly
     ├── StorageError                 the store cannot do what was asked
     │   └── StoreFull                no space left on the device
     ├── UpstreamError                an upstream registry failed us
@@ -155,3 +156,7 @@ class BundleInvalid(BundleError):
 
 class SignatureInvalid(BundleError):
     """The bundle signature is missing, untrusted or wrong."""
+
+
+class TooManyRequests(RegistryError):
+    """Too much work of this kind is waiting already: the caller should retry shortly."""

@@ -17,10 +17,15 @@ failure is retried after a backoff that doubles from 1 s up to 5 min, per endpoi
 or an appliance restart, loses nothing. A receiver may see an event twice (after a crash between its 2xx and
 the removal) and can tell by the event id. One sender runs per store (it holds the queues' consumer lock),
 however many server processes share the store.
+
+A receiver that stays down does not fill the disk: each endpoint's queue holds at most its ``max_queued`` events
+(1000 by default), and all queues together at most ``QUEUE_SHARE`` (10%) of the store filesystem's capacity;
+appending to a full queue drops its oldest events, counted in ``DROPPED`` (``mirror_notification_events_dropped``).
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime
 import json
@@ -28,6 +33,7 @@ import logging
 import socket
 import uuid
 from typing import Any, Protocol
+from urllib.parse import urlsplit
 
 import httpx
 
@@ -43,6 +49,10 @@ MEDIA_TYPE = "application/vnd.docker.distribution.events.v1+json"
 BATCH = 32
 POLL_SECONDS = 1.0  # how often a queue is looked at for events other processes wrote
 FIRST_BACKOFF, MAX_BACKOFF = 1.0, 300.0
+QUEUE_SHARE = 0.10  # of the store filesystem's capacity, for the queues of all endpoints together
+# Events this process dropped from full queues, by receiver (``scheme://host:port``: a webhook's path and query
+# may hold its secret). Kept per process, like every metric, and across config reloads, which make new Events.
+DROPPED: collections.Counter[str] = collections.Counter()
 
 
 class Content(Protocol):
@@ -72,6 +82,7 @@ class Events:
         self.source = {"addr": f"{socket.gethostname()}:{config.host_port[1]}", "instanceID": str(uuid.uuid4())}
         self._wake = {endpoint: asyncio.Event() for endpoint in self.endpoints}
         self._sender: asyncio.Task[None] | None = None
+        self._dropping: set[Endpoint] = set()  # endpoints whose full queue was logged, until a delivery
 
     def emit(self, action: str, repository: str, reference: str | None = None, content: Content | None = None,
              request: Request | None = None, actor: str | None = None) -> None:
@@ -83,11 +94,22 @@ class Events:
         event = self._event(action, repository, reference, content, request, actor)
         for endpoint in endpoints:
             try:
-                self.queues.put(endpoint.url, event)
+                share = self.queues.capacity() * QUEUE_SHARE / len(self.endpoints)
+                dropped = self.queues.put(endpoint.url, event, endpoint.max_queued, share)
             except MirrorError as exc:
                 log.error("lost a %s event for %s: %s", action, endpoint.url, exc.message)
                 continue
+            if dropped:
+                self._dropped(endpoint, dropped)
             self._wake[endpoint].set()
+
+    def _dropped(self, endpoint: Endpoint, count: int) -> None:
+        parts = urlsplit(endpoint.url)
+        DROPPED[f"{parts.scheme}://{parts.netloc.rpartition('@')[2]}"] += count
+        if endpoint not in self._dropping:  # once until the endpoint takes events again
+            self._dropping.add(endpoint)
+            log.warning("the queue of %s is full (%d events, or its share of the store's disk): dropping the oldest",
+                        endpoint.url, endpoint.max_queued)
 
     def _event(self, action: str, repository: str, reference: str | None, content: Content | None,
                request: Request | None, actor: str | None) -> dict[str, Any]:
@@ -146,6 +168,7 @@ class Events:
             problem = await self._post(client, endpoint, [event for _, event in batch])
             if problem is None:
                 self.queues.remove(endpoint.url, [entry for entry, _ in batch])
+                self._dropping.discard(endpoint)
                 if failures:
                     log.info("delivered events to %s after %d failed attempts", endpoint.url, failures)
                 backoff, failures = 0.0, 0

@@ -4,7 +4,8 @@ A request is observed once, when it finishes (Tornado's ``log_function`` calls `
 access log line, and the request, byte and cache counters. Handlers only note what they alone know, the body
 bytes they wrote (``bytes_sent``) and where a blob or manifest came from (``cache_result``: hosted, hit or
 miss). Upstream requests are timed by the ``UpstreamTransport`` each upstream client is given; the cache counts
-its evictions; the store's size is walked in a thread when ``/metrics`` is scraped, at most once a minute.
+its evictions; the store's size is walked in a thread when ``/metrics`` is scraped, at most once a minute;
+notification events dropped from full queues are counted by ``events.py`` and read when scraped.
 
 Several worker processes: prometheus-client keeps values per process unless ``PROMETHEUS_MULTIPROC_DIR`` names
 an empty directory before it is first imported. To switch, set it in the parent before forking the workers and
@@ -25,9 +26,10 @@ from typing import Any, TextIO
 
 import httpx
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from mirror import events
 from mirror.storage import Store, StoreStats
 from mirror.upstream.client import upstream_transport
 
@@ -64,6 +66,7 @@ class Metrics:
         self.store = StoreCollector(store) if store is not None else None
         if self.store is not None:
             self.registry.register(self.store)
+        self.registry.register(DroppedEventsCollector())
 
     def request_finished(self, route: str, method: str, status: int, sent: int, seconds: float,
                          cache_result: str | None) -> None:
@@ -114,6 +117,18 @@ class StoreCollector(Collector):
         yield GaugeMetricFamily("mirror_store_pinned_blobs", "Pinned blobs (imported from bundles, never evicted)",
                                 stats.pinned)
         yield GaugeMetricFamily("mirror_store_pinned_bytes", "Bytes of pinned blobs", stats.pinned_bytes)
+
+
+class DroppedEventsCollector(Collector):
+    """The counter of notification events dropped from full queues, by receiver (``events.DROPPED``)."""
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        """The counts so far."""
+        family = CounterMetricFamily("mirror_notification_events_dropped", "Notification events dropped, oldest "
+                                     "first, from the full queue of an endpoint that is down", labels=["endpoint"])
+        for endpoint, count in sorted(events.DROPPED.items()):
+            family.add_metric([endpoint], count)
+        yield family
 
 
 class UpstreamTransport(httpx.AsyncBaseTransport):

@@ -20,8 +20,12 @@ reading all of them) and the one writes land in (``write_name``).
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import logging
 import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 from mirror import manifest as manifests
@@ -39,11 +43,75 @@ from mirror.errors import (
     UpstreamNotFound,
 )
 from mirror.fetch import HIT, MISS, BlobSource, Fetcher, StoredBlob
+from mirror.manifest import OCI_INDEX
 from mirror.reference import RequestName, resolve_name, store_prefix
 from mirror.registry import Registry, StoredManifest
 from mirror.storage.filesystem import FileBlobWriter
 
 log = logging.getLogger("mirror.repository")
+PAGE_REFERRERS = 1000  # descriptors in one page of a referrers listing at most
+PAGE_BYTES = 4 << 20  # and bytes of them encoded, unless the first alone is larger (a page holds at least one)
+Descriptor = dict[str, Any]
+
+
+@dataclass(frozen=True)
+class ReferrersPage:
+    """One page of a referrers listing: its descriptors encoded as JSON, and the digest the next page starts
+    after (None on the last page)."""
+
+    descriptors: list[bytes]
+    next_last: str | None
+
+    def index(self) -> bytes:
+        """The page as the OCI image index the referrers API answers."""
+        opening = json.dumps({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": []}).encode()[:-2]
+        return b"".join((opening, b", ".join(self.descriptors), b"]}"))
+
+
+class Referrers:
+    """The referrers of one subject by digest: descriptors an upstream listed are held, stored ones are read only
+    when a page needs them, so a listing costs the memory of one page however large its descriptors are."""
+
+    def __init__(self, entries: Mapping[str, Descriptor | Callable[[], Descriptor | None]] | None = None):
+        self.entries = dict(entries or {})
+
+    @classmethod
+    def stored(cls, registry: Registry, name: str, subject: Digest) -> Referrers:
+        """The referrers of ``subject`` recorded in store repository ``name`` (their descriptors not read yet)."""
+        metadata = registry.metadata
+        return cls({str(digest): functools.partial(metadata.referrer, name, subject, digest)
+                    for digest in metadata.referrer_digests(name, subject)})
+
+    @classmethod
+    def listed(cls, descriptors: list[Descriptor]) -> Referrers:
+        """Referrers an upstream listed."""
+        return cls({str(descriptor.get("digest")): descriptor for descriptor in descriptors})
+
+    def __or__(self, other: Referrers) -> Referrers:
+        """These and ``other``'s referrers; of a digest in both, this descriptor."""
+        return Referrers({**other.entries, **self.entries})
+
+    def __len__(self) -> int:
+        return len(self.entries)
+
+    def page(self, artifact_type: str | None = None, last: str | None = None, limit: int = PAGE_REFERRERS,
+             budget: int = PAGE_BYTES) -> ReferrersPage:
+        """The page after digest ``last``, in digest order, of the referrers of ``artifact_type`` (any if None):
+        at most ``limit`` descriptors of at most ``budget`` bytes encoded, but at least one. Reads the stored
+        descriptors it needs and one more, to tell whether there is a next page."""
+        chosen: list[bytes] = []
+        size, chosen_last = 0, None
+        for digest in sorted(digest for digest in self.entries if last is None or digest > last):
+            entry = self.entries[digest]
+            descriptor = entry() if callable(entry) else entry
+            if descriptor is None or (artifact_type and descriptor.get("artifactType") != artifact_type):
+                continue
+            encoded = json.dumps(descriptor).encode()
+            if chosen and (len(chosen) >= limit or size + len(encoded) > budget):
+                return ReferrersPage(chosen, chosen_last)
+            chosen.append(encoded)
+            size, chosen_last = size + len(encoded) + 2, digest
+        return ReferrersPage(chosen, None)
 
 
 class Repository(Protocol):
@@ -64,8 +132,8 @@ class Repository(Protocol):
     async def tags(self) -> list[str]:
         """The tags, sorted; raise NameUnknown for a repository that does not exist."""
 
-    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
-        """Descriptors of the manifests referring to ``subject``."""
+    async def referrers(self, subject: Digest) -> Referrers:
+        """The manifests referring to ``subject``."""
 
     def start_upload(self) -> FileBlobWriter:
         """Open an upload session."""
@@ -118,9 +186,9 @@ class Hosted:
         """The tags here."""
         return self.registry.tags(self.name)
 
-    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+    async def referrers(self, subject: Digest) -> Referrers:
         """The referrers recorded here."""
-        return self.registry.referrers(self.name, subject)
+        return Referrers.stored(self.registry, self.name, subject)
 
     def start_upload(self) -> FileBlobWriter:
         """Open an upload session here."""
@@ -272,16 +340,16 @@ class Mirrored:
             listed = []
         return sorted(set(cached) | {tag for tag in listed if _valid_tag(tag)})
 
-    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+    async def referrers(self, subject: Digest) -> Referrers:
         """The referrers cached here and the upstream's (only the cached ones while the upstream fails)."""
-        found = self.registry.referrers(self.name, subject)
+        found = Referrers.stored(self.registry, self.name, subject)
         try:
             listed = await self.fetcher.single(("referrers", self.name, subject),
                                                lambda: self.client.referrers(self.path, subject))
         except UpstreamError as exc:
             log.info("listing the cached referrers of %s@%s: %s", self.name, subject, exc.message)
             listed = []
-        return _merged(found, listed)
+        return found | Referrers.listed(listed)
 
     # writes: only with allow_push, into the same store repository
     def _writes(self) -> Hosted:
@@ -377,9 +445,9 @@ class DefaultRoute:
             raise NameUnknown(f"repository {self.hosted.name} is not known", detail={"name": self.hosted.name})
         return sorted(found)
 
-    async def referrers(self, subject: Digest) -> list[dict[str, Any]]:
+    async def referrers(self, subject: Digest) -> Referrers:
         """The referrers of both."""
-        return _merged(await self.hosted.referrers(subject), await self.mirrored.referrers(subject))
+        return await self.hosted.referrers(subject) | await self.mirrored.referrers(subject)
 
     def start_upload(self) -> FileBlobWriter:
         """Open an upload session in the hosted repository."""
@@ -453,12 +521,3 @@ def _valid_tag(tag: str) -> bool:
     from mirror.storage.paths import TAG_PATTERN
 
     return TAG_PATTERN.fullmatch(tag) is not None
-
-
-def _merged(*lists: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Descriptors of every list, each digest once (the first list's wins)."""
-    seen: dict[str, dict[str, Any]] = {}
-    for descriptors in lists:
-        for descriptor in descriptors:
-            seen.setdefault(str(descriptor.get("digest")), descriptor)
-    return list(seen.values())

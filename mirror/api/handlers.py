@@ -27,6 +27,7 @@ from mirror.storage.filesystem import FileBlobWriter
 log = logging.getLogger("mirror.api")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
 _UPLOAD_RANGE = re.compile(r"(?:bytes[ =])?(\d+)-(\d+)")
+MAX_DIGITS = 18  # longer numbers in Range and Content-Range headers are past any blob (and past int()'s limit)
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -56,7 +57,8 @@ class BaseHandler(tornado.web.RequestHandler):
         self._settle()
 
     def on_connection_close(self) -> None:
-        """A client that went away is no longer in flight."""
+        """A client that went away is no longer in flight (and Tornado stops waiting for the rest of its body)."""
+        super().on_connection_close()
         self._settle()
 
     def _settle(self) -> None:
@@ -81,9 +83,8 @@ class BaseHandler(tornado.web.RequestHandler):
             authorization = self.request.headers.get("Authorization")
             check = functools.partial(self.auth.authorize, authorization, self.request.method, name,
                                       self.repository if name is not None else None)
-            # a password costs a bcrypt check, slow on purpose: keep guessers from stalling the event loop
-            basic = authorization is not None and authorization[:6].lower() == "basic "
-            self.caller = await asyncio.to_thread(check) if basic else check()
+            # a password costs a bcrypt check, slow on purpose: on the password threads, a bounded queue
+            self.caller = await self.auth.passwords.run(authorization, check)
 
     def may_read(self, repository: Repository | str) -> bool:
         """Whether the caller may pull from ``repository`` (or a store repository's name); anyone may, without
@@ -111,6 +112,8 @@ class BaseHandler(tornado.web.RequestHandler):
             # Refused in prepare, before a streamed body was read: Tornado closes the connection after this
             # answer, so tell the client not to send its next request on it.
             self.set_header("Connection", "close")
+        if isinstance(error, errors.TooManyRequests):
+            self.set_header("Retry-After", "1")
         if isinstance(error, errors.RangeInvalid) and isinstance(error.detail, dict):
             self.set_header("Range", f"0-{max(error.detail['size'] - 1, 0)}")
         self.set_header("Content-Type", "application/json")
@@ -196,13 +199,20 @@ class ReferrersHandler(BaseHandler):
     """``/v2/<name>/referrers/<digest>`` (end-12a, end-12b)."""
 
     async def get(self, name: str, digest: str) -> None:
-        """List the manifests whose subject is ``digest``, optionally filtered by artifactType."""
+        """List one page of the manifests whose subject is ``digest``, optionally filtered by artifactType; a
+        ``Link`` header names the next page. Pages are read and encoded on a thread (descriptors may be large)."""
         artifact_type = self.get_query_argument("artifactType", None)
-        descriptors = await self.repository.referrers(Digest.parse(digest))
+        last = self.get_query_argument("last", None)
+        referrers = await self.repository.referrers(Digest.parse(digest))
+        page = await asyncio.to_thread(referrers.page, artifact_type, last) if referrers else referrers.page()
         if artifact_type:
-            descriptors = [d for d in descriptors if d.get("artifactType") == artifact_type]
             self.set_header("OCI-Filters-Applied", "artifactType")
-        self.write_json({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": descriptors}, OCI_INDEX)
+        if page.next_last is not None:
+            query = {"ns": self.ns, "artifactType": artifact_type, "last": page.next_last}
+            next_page = urllib.parse.urlencode({key: value for key, value in query.items() if value})
+            self.set_header("Link", f'</v2/{name}/referrers/{digest}?{next_page}>; rel="next"')
+        self.set_header("Content-Type", OCI_INDEX)
+        self.finish(page.index())
 
 
 class BlobHandler(BaseHandler):
@@ -250,6 +260,8 @@ class BlobHandler(BaseHandler):
         if size is None or not match or match.groups() == ("", ""):
             return 0, size
         first, last = match.groups()
+        if max(len(first), len(last)) > MAX_DIGITS:
+            return None
         if first:
             start, end = int(first), min(int(last) + 1 if last else size, size)
         else:
@@ -320,7 +332,7 @@ class UploadHandler(BaseHandler):
         if not content_range:
             return None
         match = _UPLOAD_RANGE.fullmatch(content_range.strip())
-        if not match or max(map(len, match.groups())) > 18 or int(match.group(2)) < int(match.group(1)):
+        if not match or max(map(len, match.groups())) > MAX_DIGITS or int(match.group(2)) < int(match.group(1)):
             self.writer.close()
             raise errors.RangeInvalid(f"malformed Content-Range {content_range[:80]!r}",
                                       detail={"size": self.writer.size})
@@ -340,6 +352,12 @@ class UploadHandler(BaseHandler):
         if self.writer is not None:
             self.writer.close()
         super().on_connection_close()
+
+    def on_finish(self) -> None:
+        """Let the session go whatever became of the request (a writer closed, committed or cancelled is done)."""
+        if self.writer is not None:
+            self.writer.close()
+        super().on_finish()
 
     async def post(self, name: str, session: None = None) -> None:
         """Mount, take a whole blob in one POST, or open a session."""
@@ -499,7 +517,8 @@ class TokenHandler(BaseHandler):
 
     async def get(self) -> None:
         """A token granting what the access rules allow of the requested scopes, for Basic credentials or none."""
-        caller = await asyncio.to_thread(self.auth.login, self.request.headers.get("Authorization"))
+        authorization = self.request.headers.get("Authorization")
+        caller = await self.auth.passwords.run(authorization, functools.partial(self.auth.login, authorization))
         self.set_header("Cache-Control", "no-store")
         self.write_json(self.auth.token(caller, self.get_query_arguments("scope")))
 

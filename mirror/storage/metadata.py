@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from mirror.digest import Digest
+from mirror.errors import DigestInvalid
 from mirror.storage.filesystem import changed, digests_in, write_atomic
 from mirror.storage.paths import NAME_PATTERN, TAG_PATTERN, Layout
 
@@ -170,15 +171,29 @@ class Metadata:
         with contextlib.suppress(FileNotFoundError):
             self.layout.referrer(name, subject, digest).unlink()
 
-    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
-        """Descriptors of the manifests in ``name`` that refer to ``subject``."""
-        folder = self.layout.referrers(name, subject)
+    def referrer_digests(self, name: str, subject: Digest) -> list[Digest]:
+        """The digests of the manifests in ``name`` that refer to ``subject``, in order (no descriptor is read)."""
         try:
-            entries = sorted(os.listdir(folder))
+            entries = os.listdir(self.layout.referrers(name, subject))
         except OSError:
             return []
         found = []
         for entry in entries:
-            with contextlib.suppress(OSError, ValueError):
-                found.append(json.loads((folder / entry).read_bytes()))
-        return found
+            algorithm, _, hex_digits = entry.partition("-")
+            with contextlib.suppress(DigestInvalid):  # a write's temporary file
+                found.append(Digest.parse(f"{algorithm}:{hex_digits}"))
+        return sorted(found, key=str)
+
+    def referrer(self, name: str, subject: Digest, digest: Digest) -> dict[str, Any] | None:
+        """The descriptor of manifest ``digest`` referring to ``subject`` in ``name``; None when it is gone."""
+        try:
+            descriptor = json.loads(self.layout.referrer(name, subject, digest).read_bytes())
+        except (OSError, ValueError):
+            return None
+        return descriptor if isinstance(descriptor, dict) else None
+
+    def referrers(self, name: str, subject: Digest) -> list[dict[str, Any]]:
+        """Descriptors of the manifests in ``name`` that refer to ``subject``, every one read (the API reads only
+        a page of them: ``referrer_digests``, then ``referrer``)."""
+        return [descriptor for digest in self.referrer_digests(name, subject)
+                if (descriptor := self.referrer(name, subject, digest)) is not None]
