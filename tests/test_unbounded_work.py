@@ -28,7 +28,7 @@ from mirror.registry import Registry
 from mirror.repository import Referrers
 from tests.consistency import assert_store_consistent
 from tests.images import Blob, basic_authorization, build_image, canonical_json, push, push_blob, put_manifest
-from tests.peers import MirrorProcess, free_port, wait_until
+from tests.peers import MirrorProcess, free_port, require, wait_until
 from tests.test_handlers import EMPTY_CONFIG, SBOM_TYPE, SIGNATURE_TYPE
 
 MIB = 1 << 20
@@ -366,3 +366,28 @@ def test_password_guessers_do_not_slow_readiness_nor_blob_transfers(tmp_path):
     assert statuses.get("401") and statuses.get("429") and set(statuses) <= {"401", "429"}
     assert statistics.median(ready) < 0.3 and statistics.median(transfers) < 0.5
     assert_store_consistent(mirror.workdir / "store")
+
+
+def test_queued_events_never_take_more_than_a_tenth_of_a_small_disk_and_pushes_still_fit(tmp_path):
+    mount = require("mount", root=True)
+    store = tmp_path / "small-disk"
+    store.mkdir()
+    subprocess.run([mount, "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(store)], check=True)
+    try:
+        endpoint = {"url": f"http://127.0.0.1:{free_port()}/events", "events": ["pull"], "max_queued": 1000000}
+        config = {"upstreams": [], "notifications": [endpoint], "storage": {"root": str(store)}}
+        with MirrorProcess(tmp_path / "mirror", config) as mirror, \
+                httpx.Client(base_url=mirror.url, timeout=30) as client:
+            image = build_image("small-disk", layers=1, layer_size=16 * 1024)
+            push(mirror.url, "pulled/app", "v1", image)
+            for number in range(1500):  # about 1 KiB an event on disk: 1.5 MiB unbounded, over a tenth of 4 MiB
+                response = client.get("/v2/pulled/app/manifests/v1", headers={"User-Agent": f"p-{number:04d}",
+                                                                                "Accept": image.manifest.media_type})
+                assert response.status_code == 200
+            queued = sum(path.stat().st_blocks * 512 for path in (store / "state" / "events").glob("*/*.json"))
+            assert 0 < queued <= 4 * 1024 * 1024 // 10
+            later = build_image("pushed-after", layers=1, layer_size=512 * 1024)
+            push(mirror.url, "pushed/after", "v1", later)  # no 507: the events left room
+        assert_store_consistent(store)
+    finally:
+        subprocess.run(["umount", str(store)], check=True)

@@ -25,6 +25,8 @@ from mirror.storage.paths import QUEUE_ENTRY_PATTERN, Layout
 log = logging.getLogger("mirror.storage")
 
 
+BLOCK = 4096  # bytes of the smallest file on the usual file systems (ext4, xfs, tmpfs)
+
 class Queues:
     """The durable queues of one store, each named by any string (the events use endpoint URLs)."""
 
@@ -45,7 +47,8 @@ class Queues:
         for it to hold at most ``max_records`` records of at most ``max_bytes`` bytes on disk; return how many
         were dropped. Raise StorageError when it cannot be written."""
         data = json.dumps(record).encode()
-        dropped = self._make_room(name, len(data), max_records, max_bytes)
+        on_disk = -(-len(data) // BLOCK) * BLOCK  # a file takes whole blocks, as the records already there count
+        dropped = self._make_room(name, on_disk, max_records, max_bytes)
         entry = f"{time.time_ns():020d}-{uuid.uuid4()}.json"
         write_atomic(self.layout.queue_entry(name, entry), data)
         return dropped
