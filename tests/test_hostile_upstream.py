@@ -333,14 +333,8 @@ def test_a_trickling_blob_is_cut_within_seconds_and_the_mirror_serves_on(mirror)
     assert server.running()
 
 
-def test_a_trickling_blob_is_cut_over_tls_too(upstreams, connections, tmp_path, monkeypatch):
+def test_a_trickling_blob_is_cut_over_tls_too(upstreams, connections, tmp_path):
     tls.init(tmp_path, "localhost", ["127.0.0.1"])
-    make_context = httpx.create_ssl_context
-    def trusting_the_test_ca(**options: Any) -> ssl.SSLContext:
-        context = make_context(**options)
-        context.load_verify_locations(tmp_path / "ca.crt")
-        return context
-    monkeypatch.setattr(httpx, "create_ssl_context", trusting_the_test_ca)
     server = upstreams(hostile_script, tls.server_ssl_context(tmp_path / "server.crt", tmp_path / "server.key"))
     async def read(client: UpstreamClient) -> None:
         async with client.stream_blob("trickle", BLOB) as stream:
@@ -348,7 +342,7 @@ def test_a_trickling_blob_is_cut_over_tls_too(upstreams, connections, tmp_path, 
                 pass
     started = time.monotonic()
     with pytest.raises(UpstreamUnavailable, match=f"under the minimum of {MIN_RATE} bytes/s after the first 2 s"):
-        run_client(server, read)
+        run_client(server, read, ca_file=tmp_path / "ca.crt")
     assert time.monotonic() - started < 8
 
 

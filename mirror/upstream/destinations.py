@@ -15,6 +15,12 @@ and relays the answer. So every connection an upstream's client opens is judged 
 - the connection then goes only to the addresses that were judged (``transport.py`` resolves, asks
   ``Destinations.admit``, and connects to those), so a name cannot resolve elsewhere in between.
 
+Through the upstream's proxy (trusted config: the connection to the proxy itself is never judged) the proxy
+resolves the destination and connects to it, so less holds: a destination other than the origin is judged on
+what its host resolves to here (an IP address as itself), as above, but the proxy may resolve a name
+differently, and a name that does not resolve here at all (a network whose only way out is the proxy) is
+admitted, left to the proxy and its own rules. The origin is never resolved here.
+
 A refusal is ``DestinationRefused`` (an UpstreamInvalid), raised before any connection is attempted; the
 client names the redirect or realm that led there. At most ``MAX_REDIRECTS`` redirects are followed.
 """
@@ -61,10 +67,15 @@ class Destinations:
         self.url = upstream_url
         self.origin = (url.scheme, url.host, url.port or _default_port(url.scheme))
 
-    def admit(self, scheme: str, host: str, port: int, addresses: Sequence[str]) -> None:
-        """Raise DestinationRefused unless ``scheme://host:port``, ``host`` resolved to ``addresses``, may be asked."""
+    def admit(self, scheme: str, host: str, port: int, addresses: Sequence[str] | None) -> None:
+        """Raise DestinationRefused unless ``scheme://host:port``, ``host`` resolved to ``addresses``, may be asked
+        (``addresses`` None: asked through the proxy, ``host`` resolved here if it needs judging and can be)."""
         if (scheme, host.lower(), port) == self.origin:
             return
+        if addresses is None:
+            addresses = _resolve(host, port)
+            if addresses is None:  # only the proxy can resolve it
+                return
         reason = self.refusal(addresses)
         if reason is not None:
             netloc = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
@@ -92,11 +103,16 @@ class Destinations:
             return frozenset({address_kind(host)})
         except ValueError:  # a name
             pass
-        try:
-            found = socket.getaddrinfo(host, self.origin[2], type=socket.SOCK_STREAM)
-        except OSError:
-            return frozenset()
-        return frozenset(address_kind(str(info[4][0])) for info in found)
+        return frozenset(map(address_kind, _resolve(host, self.origin[2]) or ()))
+
+
+def _resolve(host: str, port: int) -> list[str] | None:
+    """The addresses ``host`` resolves to here, each once; None if it does not resolve."""
+    try:
+        found = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+    except OSError:
+        return None
+    return list(dict.fromkeys(str(info[4][0]) for info in found))
 
 
 def _default_port(scheme: str) -> int:

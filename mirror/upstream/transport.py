@@ -11,12 +11,19 @@ standard library's buffered socket reader, which copies each byte once, from the
 chunk handed on, where httpcore's parser (h11) copies it four more times while holding the GIL. For a cold
 256 MiB blob that was most of the difference between being behind the Distribution registry and level with it.
 
-Two request extensions, which the client sets on every request (``client.py``), are enforced here, where
+Three request extensions, which the client sets on every request (``client.py``), are enforced here, where
 connections are opened and bytes arrive, on the thread doing that work:
 
+- ``EGRESS``: the upstream's ``Egress``, how its requests leave: directly or through its proxy (CONNECT
+  tunnels to https destinations, absolute-form requests to http ones, proxy credentials sent as
+  ``Proxy-Authorization``), trusting the system's CA store (OpenSSL's default paths: ``/etc/ssl/certs``, or
+  ``SSL_CERT_FILE``/``SSL_CERT_DIR``) plus its ``ca_file``, or no certificate at all without ``tls_verify``.
+  Each distinct ``Egress`` has its own connection pools and TLS context.
 - ``ADMIT``: ``admit(scheme, host, port, addresses)``, which raises to refuse a destination
-  (``destinations.py``). A new connection resolves its host, has every address judged, and connects only to
-  those addresses, so the host cannot resolve elsewhere in between.
+  (``destinations.py``). Directly, a new connection resolves its host, has every address judged, and connects
+  only to those addresses, so the host cannot resolve elsewhere in between. Through a proxy, the proxy
+  resolves and connects: every request's destination is judged (``addresses`` None: the policy resolves the
+  host itself) before it is sent, and the connection to the proxy, trusted config, is not judged.
 - ``DEADLINES``: the request's ``Deadlines``. Every read from the socket, of headers or body, is reported to
   them, and one that comes too late raises ``httpx.ReadTimeout`` there and then: a body read ``READ_SIZE``
   bytes at a time is checked while it arrives, and a trickling upstream holds neither a client nor a thread
@@ -25,18 +32,23 @@ connections are opened and bytes arrive, on the thread doing that work:
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import unquote
 
 import httpx
 import urllib3
 from urllib3 import connection as urllib3_connection
 from urllib3 import exceptions as urllib3_errors
+from urllib3.util import parse_url
 from urllib3.util.connection import allowed_gai_family, create_connection
 
 READ_SIZE = 1 << 20  # bytes of a response body read at a time
@@ -45,8 +57,9 @@ ANSWER_TIMEOUTS = 3  # an answer's headers, and a small answer's body, arrive wi
 MIN_RATE = 16 * 1024  # bytes a second a streamed body must average once its first `timeout` seconds are over
 ADMIT = "mirror.admit"  # request extension: admit(scheme, host, port, addresses), raising to refuse
 DEADLINES = "mirror.deadlines"  # request extension: the request's Deadlines
+EGRESS = "mirror.egress"  # request extension: the upstream's Egress (none: direct, the system's CAs)
 
-_Admit = Callable[[str, str, int, Sequence[str]], None]
+_Admit = Callable[[str, str, int, Sequence[str] | None], None]
 _current = threading.local()  # admit and arrived of the request (or body) this thread is working for
 
 
@@ -86,25 +99,57 @@ class Deadlines:
                                     f"of {MIN_RATE} bytes/s after the first {self.timeout:g} s")
 
 
+@dataclass(frozen=True)
+class Egress:
+    """How one upstream's requests leave: through ``proxy`` (an http:// or https:// URL, maybe with credentials)
+    or directly; verifying TLS against the system's CA store plus ``ca_file``, or not at all (``tls_verify``)."""
+
+    proxy: str | None = field(default=None, repr=False)  # its credentials are never shown
+    ca_file: Path | None = None
+    tls_verify: bool = True
+
+
+class EgressTransport(httpx.AsyncBaseTransport):
+    """Sends every request through ``inner`` with the ``EGRESS`` extension: one upstream's ``egress``."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport, egress: Egress):
+        self._inner, self._egress = inner, egress
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        """Send ``request`` the upstream's way."""
+        request.extensions[EGRESS] = self._egress
+        return await self._inner.handle_async_request(request)
+
+    async def aclose(self) -> None:
+        """Close ``inner``."""
+        await self._inner.aclose()
+
+
 class Urllib3Transport(httpx.BaseTransport):
     """A synchronous httpx transport over urllib3, keeping up to ``keepalive`` idle connections per host.
 
-    It sends each request as it is (redirects are the httpx client's to follow, retries nobody's), verifies
-    TLS like httpx does, ignores proxy variables, and raises httpx's exceptions.
+    It sends each request as it is (redirects are the httpx client's to follow, retries nobody's), the way its
+    ``EGRESS`` says (see the module docstring; proxy variables are the config's to read), and raises httpx's
+    exceptions.
     """
 
     def __init__(self, keepalive: int):
-        context = httpx.create_ssl_context(trust_env=False)
-        context.sslsocket_class = _CountingSSLSocket
-        self._pools = urllib3.PoolManager(maxsize=keepalive, ssl_context=context, retries=False)
-        self._pools.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+        self._keepalive = keepalive
+        self._managers: dict[Egress, urllib3.PoolManager] = {}
+        self._managers_lock = threading.Lock()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and return the response with its body still to be read."""
         timeout = request.extensions.get("timeout", {})
         deadlines: Deadlines | None = request.extensions.get(DEADLINES)
-        with _httpx_errors(), _working_for(request.extensions.get(ADMIT), deadlines and deadlines.answer):
-            response = self._pools.urlopen(
+        egress: Egress = request.extensions.get(EGRESS, _DIRECT)
+        admit: _Admit | None = request.extensions.get(ADMIT)
+        if egress.proxy is not None and admit is not None:  # the destination is judged; the proxy is trusted
+            url = request.url
+            admit(url.scheme, url.host, url.port or _DEFAULT_PORTS[url.scheme], None)
+            admit = None
+        with _httpx_errors(), _working_for(admit, deadlines and deadlines.answer):
+            response = self._manager(egress).urlopen(
                 request.method, str(request.url), body=request.read() or None,
                 headers=urllib3.HTTPHeaderDict(request.headers.multi_items()),
                 timeout=urllib3.Timeout(connect=timeout.get("connect"), read=timeout.get("read")),
@@ -117,7 +162,46 @@ class Urllib3Transport(httpx.BaseTransport):
 
     def close(self) -> None:
         """Close every pooled connection."""
-        self._pools.clear()
+        with self._managers_lock:
+            for manager in self._managers.values():
+                manager.clear()
+
+    def _manager(self, egress: Egress) -> urllib3.PoolManager:
+        """The connection pools of ``egress``, made on first use."""
+        with self._managers_lock:
+            if egress not in self._managers:
+                self._managers[egress] = _pool_manager(egress, self._keepalive)
+            return self._managers[egress]
+
+
+_DIRECT = Egress()
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def _pool_manager(egress: Egress, keepalive: int) -> urllib3.PoolManager:
+    """Pools for ``egress``: a ProxyManager through its proxy (whose certificate, if https, is checked like the
+    upstream's), else a PoolManager."""
+    context = ssl.create_default_context()  # the system's CA store, SSL_CERT_FILE and SSL_CERT_DIR honoured
+    if egress.ca_file is not None:
+        context.load_verify_locations(egress.ca_file)
+    options = {"maxsize": keepalive, "ssl_context": context, "retries": False}
+    if not egress.tls_verify:
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        options.update(cert_reqs=ssl.CERT_NONE, assert_hostname=False)
+    context.sslsocket_class = _CountingSSLSocket
+    if egress.proxy is None:
+        manager = urllib3.PoolManager(**options)
+    else:
+        proxy = parse_url(egress.proxy)
+        headers = None
+        if proxy.auth is not None:
+            user, _, password = proxy.auth.partition(":")
+            credentials = base64.b64encode(f"{unquote(user)}:{unquote(password)}".encode()).decode("ascii")
+            headers = {"Proxy-Authorization": f"Basic {credentials}"}
+        manager = _ProxyManager(proxy._replace(auth=None).url, proxy_headers=headers, proxy_ssl_context=context,
+                                **options)
+    manager.pool_classes_by_scheme = {"http": _HTTPPool, "https": _HTTPSPool}
+    return manager
 
 
 class _Urllib3Body(httpx.SyncByteStream):
@@ -224,6 +308,14 @@ class _HTTPSConnection(_AdmittedConnection, urllib3_connection.HTTPSConnection):
     _scheme = "https"
 
 
+class _ProxyManager(urllib3.ProxyManager):
+    """urllib3's ProxyManager sending a request's own headers (urllib3 adds ``Accept: */*`` and ``Host`` to an
+    absolute-form request, a second one of each beside httpx's lower-case ``accept`` and ``host``)."""
+
+    def _set_proxy_headers(self, url: str, headers: Mapping[str, str] | None = None) -> Mapping[str, str]:
+        return headers or {}
+
+
 class _HTTPPool(urllib3.HTTPConnectionPool):
     ConnectionCls = _HTTPConnection
 
@@ -241,6 +333,8 @@ def _httpx_errors() -> Iterator[None]:
         raise httpx.ConnectError(str(exc)) from exc
     except urllib3_errors.ConnectTimeoutError as exc:
         raise httpx.ConnectTimeout(str(exc)) from exc
+    except urllib3_errors.ProxyError as exc:  # the proxy could not be reached, or refused the CONNECT
+        raise httpx.ProxyError(f"proxy: {exc.original_error}") from exc
     except urllib3_errors.ReadTimeoutError as exc:
         raise httpx.ReadTimeout(str(exc)) from exc
     except urllib3_errors.ProtocolError as exc:  # the connection broke: reset, or closed mid-answer
