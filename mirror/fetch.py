@@ -38,8 +38,9 @@ from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.fetch")
 HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came from (``origin``)
-NEGATIVE_TTL = 15.0
-NEGATIVE_ENTRIES = 10_000
+NEGATIVE_TTL = 15.0  # seconds an upstream 404 is remembered
+STALE_RETRY = 10.0  # seconds a failed revalidation is not retried (unless its upstream came back meanwhile)
+MARKS = 10_000  # remembered keys, beyond which expired ones are forgotten
 T = TypeVar("T")
 
 
@@ -199,16 +200,38 @@ class FetchFollower:
         return min(fetch.available, last - 1)
 
 
+class Marks:
+    """Keys remembered for ``seconds`` each."""
+
+    def __init__(self, seconds: float):
+        self.seconds = seconds
+        self._until: dict[Hashable, float] = {}
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether ``key`` was remembered less than ``seconds`` ago."""
+        return time.monotonic() < self._until.get(key, 0)
+
+    def add(self, key: Hashable) -> None:
+        """Remember ``key`` for ``seconds`` from now."""
+        now = time.monotonic()
+        if len(self._until) > MARKS:  # forget expired entries: clients choose the keys
+            self._until = {key: until for key, until in self._until.items() if until > now}
+        self._until[key] = now + self.seconds
+
+
 class Fetcher:
-    """The upstream clients and every fetch in flight in this process: blobs, manifests, known misses."""
+    """The upstream clients and every fetch in flight in this process: blobs, manifests, known misses, stale tags."""
 
     def __init__(self, config: Config, store: Store, metrics: Metrics,
                  client_factory: Callable[[Upstream], UpstreamClient] = UpstreamClient):
         self.config, self.store, self.metrics = config, store, metrics
         self._clients = {upstream.name: client_factory(upstream) for upstream in config.upstreams}
+        for name, client in self._clients.items():
+            client.health.watch(metrics.upstream_up.labels(name).set)
         self._fetches: dict[Digest, Fetch] = {}
         self._singles: dict[Hashable, asyncio.Future] = {}
-        self._missing: dict[Hashable, float] = {}
+        self._missing = Marks(NEGATIVE_TTL)
+        self._stale = Marks(STALE_RETRY)
 
     def client(self, upstream: Upstream) -> UpstreamClient:
         """The client of ``upstream``."""
@@ -224,16 +247,25 @@ class Fetcher:
             future.add_done_callback(lambda _: self._singles.pop(key, None))
         return await asyncio.shield(future)
 
+    def background(self, key: Hashable, work: Callable[[], Awaitable[object]]) -> None:
+        """Start ``work()`` as ``single`` would, without waiting for it; a failure is logged."""
+        asyncio.ensure_future(self.single(key, work)).add_done_callback(_log_failure)
+
     def missing(self, key: Hashable) -> bool:
         """Whether the upstream said ``key`` does not exist less than ``NEGATIVE_TTL`` seconds ago."""
-        return time.time() < self._missing.get(key, 0)
+        return key in self._missing
 
     def remember_missing(self, key: Hashable) -> None:
         """Note that the upstream says ``key`` does not exist."""
-        now = time.time()
-        if len(self._missing) > NEGATIVE_ENTRIES:  # forget expired entries: clients choose the keys
-            self._missing = {key: until for key, until in self._missing.items() if until > now}
-        self._missing[key] = now + NEGATIVE_TTL
+        self._missing.add(key)
+
+    def stale(self, upstream: Upstream, key: Hashable) -> bool:
+        """Whether refreshing ``key`` failed in the last ``STALE_RETRY`` s and ``upstream`` did not come back since."""
+        return (key, self.client(upstream).health.recoveries) in self._stale
+
+    def remember_stale(self, upstream: Upstream, key: Hashable) -> None:
+        """Note that refreshing ``key`` from ``upstream`` failed."""
+        self._stale.add((key, self.client(upstream).health.recoveries))
 
     # blobs
     async def blob(self, upstream: Upstream, path: str, repository: str, digest: Digest,
@@ -361,3 +393,9 @@ class Fetcher:
         for client in self._clients.values():
             await client.close()
         self.store.close()
+
+
+def _log_failure(task: asyncio.Future) -> None:
+    """Log why a background task failed."""
+    if not task.cancelled() and (error := task.exception()) is not None:
+        log.info("a background refresh failed: %s", getattr(error, "message", None) or repr(error))

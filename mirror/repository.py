@@ -24,9 +24,9 @@ import functools
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Hashable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 from mirror import manifest as manifests
 from mirror.config import Config, Upstream
@@ -52,6 +52,7 @@ log = logging.getLogger("mirror.repository")
 PAGE_REFERRERS = 1000  # descriptors in one page of a referrers listing at most
 PAGE_BYTES = 4 << 20  # and bytes of them encoded, unless the first alone is larger (a page holds at least one)
 Descriptor = dict[str, Any]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -228,7 +229,12 @@ class Hosted:
 
 
 class Mirrored:
-    """An upstream's store repository: cached content, fetched from the upstream on demand."""
+    """An upstream's store repository: cached content, fetched from the upstream on demand.
+
+    Cached tags and tag lists are trusted for ``manifest_ttl``, then refreshed; while the upstream is down
+    (``upstream/health.py``) or after a refresh failed (for ``fetch.STALE_RETRY``, or until it is back) they are
+    served as they are at once, and what was never cached fails at once.
+    """
 
     def __init__(self, registry: Registry, fetcher: Fetcher, upstream: Upstream, request: RequestName):
         self.registry, self.fetcher, self.upstream = registry, fetcher, upstream
@@ -268,7 +274,7 @@ class Mirrored:
 
     # manifests
     async def manifest(self, reference: str) -> StoredManifest:
-        """A cached manifest (a tag revalidated after its TTL), else the upstream's."""
+        """A cached manifest (a tag revalidated after its TTL, stale at once while it is down), else the upstream's."""
         digest = self.registry.resolve(self.name, reference)
         if digest is None and not Digest.is_digest(reference) and not _valid_tag(reference):
             raise ManifestUnknown(f"manifest {reference[:200]} is not in {self.name}")
@@ -286,10 +292,15 @@ class Mirrored:
         return written is not None and time.time() - written < self.upstream.manifest_ttl
 
     async def _revalidate(self, tag: str, cached: Digest, media_type: str) -> StoredManifest:
+        return await self._refreshed(("revalidate", self.name, tag), lambda: self._hit(cached, media_type),
+                                     lambda: self._check_tag(tag, cached, media_type))
+
+    async def _check_tag(self, tag: str, cached: Digest, media_type: str) -> StoredManifest:
         try:
             digest, _, _ = await self.client.head_manifest(self.path, tag)
         except UpstreamError as exc:
             log.info("serving %s:%s stale: %s", self.name, tag, exc.message)
+            self.fetcher.remember_stale(self.upstream, ("revalidate", self.name, tag))
             return self._hit(cached, media_type)
         if digest == cached:
             self.registry.metadata.touch_tag(self.name, tag)
@@ -325,20 +336,44 @@ class Mirrored:
     def _hit(self, digest: Digest, media_type: str) -> StoredManifest:
         return StoredManifest(digest, media_type, self.registry.manifest_body(digest), HIT, self.name)
 
+    async def _refreshed(self, key: Hashable, stale: Callable[[], T], refresh: Callable[[], Awaitable[T]]) -> T:
+        """What ``refresh()`` gives (one call for concurrent callers), or ``stale()`` at once while the upstream is
+        down or refreshing ``key`` failed a moment ago; a probe of the upstream that is due then refreshes in the
+        background, so no client waits for it."""
+        health = self.client.health
+        if health.up and not self.fetcher.stale(self.upstream, key):
+            return await self.fetcher.single(key, refresh)
+        if health.probe_due():
+            self.fetcher.background(key, refresh)
+        return stale()
+
     # listings
     async def tags(self) -> list[str]:
-        """The upstream's tags and the cached ones; only the cached ones while the upstream fails."""
+        """The upstream's tag list (kept for ``manifest_ttl``; the last one while it fails) and the cached tags."""
         cached = self.registry.metadata.tags(self.name)
+        listing = self.registry.metadata.cached_tag_list(self.name)
+        if listing is not None and time.time() - listing[1] < self.upstream.manifest_ttl:
+            listed: list[str] | None = listing[0]
+        else:
+            last = listing[0] if listing is not None else []
+            listed = await self._refreshed(("tags", self.name), lambda: last, lambda: self._list_tags(last))
+        if listed is None and not cached:
+            raise NameUnknown(f"repository {self.name} is not known", detail={"name": self.name})
+        return sorted(set(cached) | set(listed or ()))
+
+    async def _list_tags(self, last: list[str]) -> list[str] | None:
+        """The upstream's tags, kept in the store; None when it has no such repository; ``last`` when it fails."""
         try:
-            listed = await self.fetcher.single(("tags", self.name), lambda: self.client.tags(self.path))
+            listed = await self.client.tags(self.path)
         except UpstreamNotFound:
-            if not cached:
-                raise NameUnknown(f"repository {self.name} is not known", detail={"name": self.name}) from None
-            listed = []
+            return None
         except UpstreamError as exc:
             log.info("listing the cached tags of %s: %s", self.name, exc.message)
-            listed = []
-        return sorted(set(cached) | {tag for tag in listed if _valid_tag(tag)})
+            self.fetcher.remember_stale(self.upstream, ("tags", self.name))
+            return last
+        listed = sorted({tag for tag in listed if _valid_tag(tag)})
+        self.registry.metadata.cache_tag_list(self.name, listed)
+        return listed
 
     async def referrers(self, subject: Digest) -> Referrers:
         """The referrers cached here and the upstream's (only the cached ones while the upstream fails)."""
@@ -391,12 +426,24 @@ class Mirrored:
         return await self._writes().put_manifest(reference, body, content_type)
 
     def delete_manifest(self, reference: str) -> None:
-        """Delete a tag or manifest (``allow_push`` only)."""
-        self._writes().delete_manifest(reference)
+        """Purge the image a tag or digest names from the cache (see ``purge``); nothing is sent upstream."""
+        self.purge([reference])
 
     def delete_blob(self, digest: Digest) -> None:
-        """Unlink a blob (``allow_push`` only)."""
-        self._writes().delete_blob(digest)
+        """Unlink a blob here (its bytes go at the next gc unless something else references them)."""
+        self.registry.delete_blob(self.name, digest)
+
+    def purge(self, references: list[str]) -> list[Digest]:
+        """Purge the images ``references`` name from the cache (``Registry.purge``); return the manifests removed."""
+        # Nothing is asked upstream; blob bytes go at the next gc or eviction. A reference not cached here is a 404.
+        roots = set()
+        for reference in references:
+            digest = self.registry.resolve(self.name, reference)
+            if digest is None or self.registry.metadata.manifest_media_type(self.name, digest) is None:
+                raise ManifestUnknown(f"manifest {reference[:200]} is not cached in {self.name}",
+                                      detail={"name": self.name, "reference": reference[:200]})
+            roots.add(digest)
+        return self.registry.purge(self.name, roots)
 
 
 class DefaultRoute:

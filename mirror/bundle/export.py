@@ -96,7 +96,9 @@ async def _resolve(sources: Sources, plan: Plan, ref: Reference, platforms: list
                                   tuple(referrers), layout.digest if layout else None))
     if len(images) == 1:
         plan.docker.append(_docker_entry(ref, images[0]))
-    print(f"{ref}: {top.digest} ({len(images)} image{'s' * (len(images) != 1)}, {len(referrers)} referrers)")
+    why = sources.from_store(ref)
+    print(f"{ref}: {top.digest} ({len(images)} image{'s' * (len(images) != 1)}, {len(referrers)} referrers)"
+          f"{f' from the store ({why})' if why else ''}")
 
 
 def _only(ref: Reference, top: manifests.Manifest,

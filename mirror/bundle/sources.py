@@ -3,7 +3,9 @@
 Names resolve as the server resolves them (``reference.resolve_name``): ``team/app:1`` is the hosted
 repository's image when the store holds it there, else the default upstream's (``docker.io/team/app``).
 Tags are asked of the upstream first (it knows where a tag points now) and of the store when the upstream
-fails or is not configured; anything by digest and every blob is taken from the store when it has it.
+fails or is not configured (``from_store`` says why); anything by digest and every blob is taken from the store
+when it has it. An upstream that stops answering costs one timeout, not one per image: its client's breaker
+(``upstream/health.py``) fails the requests after it at once.
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ class Sources:
     def __init__(self, config: Config):
         self._config = config
         self._clients: dict[str, UpstreamClient] = {}
+        self._store_reasons: dict[tuple[str, str], str] = {}  # (name, tag) read from the store -> why
         root = config.storage.root
         self._store = Registry(storage.open(root)) if storage.exists(root) else None
 
@@ -55,10 +58,16 @@ class Sources:
                 problems.append(getattr(exc, "message", None) or str(exc))
                 continue
             if found is not None:
+                if source == self._from_store and not Digest.is_digest(reference):
+                    self._store_reasons[(ref.name, reference)] = self._not_upstream(ref, problems)
                 return found
         problems = problems or ["no upstream is configured for it and the store does not hold it"]
         separator = "@" if Digest.is_digest(reference) else ":"
         raise ManifestUnknown(f"cannot resolve {ref.name}{separator}{reference}: {'; '.join(problems)}")
+
+    def from_store(self, ref: Reference) -> str | None:
+        """Why the tag of image ``ref`` was read from the store rather than from its upstream; None if it was not."""
+        return self._store_reasons.get((ref.name, ref.reference))
 
     async def blob(self, ref: Reference, digest: Digest) -> AsyncIterator[bytes]:
         """The bytes of blob ``digest`` of the image ``ref``, in chunks."""
@@ -109,6 +118,15 @@ class Sources:
             return await client.get_manifest(ref.repository, reference)
         except UpstreamNotFound as exc:
             raise ManifestUnknown(exc.message) from exc
+
+    def _not_upstream(self, ref: Reference, problems: list[str]) -> str:
+        """Why a tag of ``ref`` did not come from its upstream, whose failures were ``problems``."""
+        client = self._client(ref)
+        if client is None:
+            return f"no upstream is configured for {ref.registry}" if ref.registry else "a hosted repository"
+        if not client.health.up:
+            return f"upstream {client.upstream.name} is down: {client.health.reason}"
+        return "; ".join(problems)
 
     def _client(self, ref: Reference) -> UpstreamClient | None:
         upstream = self._config.upstream(ref.registry) if ref.registry else None

@@ -136,6 +136,23 @@ class Metadata:
             return []
         return sorted(tag for tag in entries if TAG_PATTERN.fullmatch(tag))
 
+    # tag lists of mirrored repositories
+    def cache_tag_list(self, name: str, tags: list[str]) -> None:
+        """Keep ``tags``, the tag list the upstream of ``name`` gave just now."""
+        write_atomic(self.layout.tag_list(name), json.dumps(tags).encode(), durable=False)
+
+    def cached_tag_list(self, name: str) -> tuple[list[str], float] | None:
+        """The tag list last kept for ``name`` and when it was kept (``time.time()``), or None."""
+        path = self.layout.tag_list(name)
+        try:
+            written = os.stat(path).st_mtime
+            tags = json.loads(path.read_bytes())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(tags, list):
+            return None
+        return [tag for tag in tags if isinstance(tag, str) and TAG_PATTERN.fullmatch(tag)], written
+
     # repositories
     def exists(self, name: str) -> bool:
         """Whether ``name`` was ever written: it has links, tags or referrers, or had them."""
@@ -157,9 +174,11 @@ class Metadata:
         return sorted(found)
 
     def delete_repository(self, name: str) -> None:
-        """Remove every link, tag and referrer of ``name`` (blob bytes stay for the garbage collector)."""
+        """Remove every link, tag, referrer and kept tag list of ``name`` (blob bytes stay for garbage collection)."""
         for marker in (*MARKERS, "_referrers"):
             shutil.rmtree(self.layout.repository(name) / marker, ignore_errors=True)
+        with contextlib.suppress(OSError):
+            self.layout.tag_list(name).unlink()
 
     # referrers
     def add_referrer(self, name: str, subject: Digest, digest: Digest, descriptor: dict[str, Any]) -> None:

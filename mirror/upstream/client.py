@@ -16,6 +16,8 @@ What an upstream, hostile or broken, may cost (enforced as bytes arrive, see ``t
   redirects and token fetches included; a blob body must average ``MIN_RATE`` (16 KiB/s) once its first
   ``timeout`` seconds are over (``n`` bytes by ``timeout + n / MIN_RATE`` seconds after its headers). A
   request that misses either fails with UpstreamUnavailable (a blob already streaming to clients is cut).
+  An upstream that leaves a request unanswered (or answers 5xx) is down for a backoff, during which requests
+  fail at once with UpstreamDown (``health.py``, the client's ``health``): a hung upstream costs one wait.
 - Size. A small answer (manifest, tag list page, referrers, token answer, a redirect's body) is at most
   ``MAX_ANSWER_SIZE`` (4 MiB), and its JSON nests at most ``MAX_JSON_DEPTH`` (64) arrays and objects deep,
   checked once here (``status.parse_json``) before anything else parses it: else UpstreamInvalid.
@@ -25,6 +27,7 @@ What an upstream, hostile or broken, may cost (enforced as bytes arrive, see ``t
 """
 from __future__ import annotations
 
+import logging
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -34,10 +37,11 @@ import httpx
 
 from mirror.config import Upstream
 from mirror.digest import Digest
-from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamNotFound
+from mirror.errors import DigestInvalid, UpstreamInvalid, UpstreamNotFound, UpstreamUnavailable
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from mirror.upstream.auth import RegistryAuth
 from mirror.upstream.destinations import MAX_REDIRECTS, DestinationRefused, Destinations
+from mirror.upstream.health import UpstreamHealth
 from mirror.upstream.status import (
     checked_body,
     content_length,
@@ -47,8 +51,17 @@ from mirror.upstream.status import (
     read_small,
     translated,
 )
-from mirror.upstream.transport import ADMIT, DEADLINES, Deadlines, ThreadedTransport, Urllib3Transport
+from mirror.upstream.transport import (
+    ADMIT,
+    DEADLINES,
+    Deadlines,
+    Egress,
+    EgressTransport,
+    ThreadedTransport,
+    Urllib3Transport,
+)
 
+log = logging.getLogger(__name__)
 MAX_REQUESTS = 64  # in flight to one upstream at once
 KEEPALIVE = 16  # idle connections kept per host
 MANIFEST_ACCEPT = ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -103,12 +116,18 @@ class UpstreamClient:
                  timeout: httpx.Timeout | None = None, clock: Callable[[], float] = time.time):
         self.upstream = upstream
         timeout = timeout or httpx.Timeout(upstream.timeout, connect=min(upstream.timeout, 5.0))
-        options = {"transport": transport or upstream_transport(), "timeout": timeout, "trust_env": False,
-                   "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
+        if not upstream.tls_verify:
+            log.warning("upstream %s (%s) has tls_verify: false: its TLS certificates, and those of its token realm "
+                        "and blob storage, are NOT verified, so anyone on the network path can impersonate them",
+                        upstream.name, upstream.url)
+        egress = Egress(upstream.proxy, upstream.ca_file, upstream.tls_verify)  # see transport.py
+        options = {"transport": EgressTransport(transport or upstream_transport(), egress), "timeout": timeout,
+                   "trust_env": False, "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
         self._token_http = httpx.AsyncClient(**options)
         self._http = httpx.AsyncClient(base_url=upstream.url, auth=RegistryAuth(upstream, self._token_http, clock),
                                        **options)
         self._destinations = Destinations(upstream.url)
+        self.health = UpstreamHealth(upstream.name)
 
     async def ping(self) -> None:
         """Check that the upstream answers ``/v2/`` (authenticating if it asks to)."""
@@ -202,11 +221,23 @@ class UpstreamClient:
     @asynccontextmanager
     async def _send(self, method: str, path: str, what: str, headers: dict[str, str] | None = None, *,
                     streamed: bool = False) -> AsyncIterator[httpx.Response]:
-        """The answer to a request, redirects followed; a small answer unless ``streamed`` (see ``Deadlines``)."""
-        extensions = {ADMIT: self._destinations.admit, DEADLINES: Deadlines(self.upstream.timeout, streamed=streamed)}
-        with translated(what):
-            response = await self._exchange(self._http.build_request(method, path, headers=headers,
-                                                                     extensions=extensions), what)
+        """The answer to a request, redirects followed; a small answer unless ``streamed`` (see ``Deadlines``).
+        While the upstream is down, UpstreamDown at once (``health.py``, told here how each request went)."""
+        deadlines = Deadlines(self.upstream.timeout, streamed=streamed)
+        extensions = {ADMIT: self._destinations.admit, DEADLINES: deadlines}
+        with self.health.attempt() as attempt:
+            try:
+                with translated(what):
+                    response = await self._exchange(self._http.build_request(method, path, headers=headers,
+                                                                             extensions=extensions), what)
+            except UpstreamUnavailable as exc:
+                if time.monotonic() < deadlines.answer_by:  # unanswered, not answered too slowly
+                    attempt.failed(exc.message)
+                raise
+            if response.status_code >= 500 and response.status_code != 501:
+                attempt.failed(f"{what}: upstream answered {response.status_code}")
+            else:
+                attempt.answered()
         try:
             raise_for_status(response, what)
             yield response
