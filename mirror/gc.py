@@ -3,10 +3,14 @@
 Mark: every manifest linked in a repository is live, and marks its own bytes, its config and layers, the
 manifests an index lists and the manifests that refer to it. With ``untagged``, only manifests a tag reaches
 are roots (plus pinned ones and ones linked within the grace period); live indexes keep their children and
-live manifests their referrers, and every other manifest is removed from its repository.
+live manifests their referrers, and every other manifest is removed from its repository. Pins are held by
+imported tags (``storage/pins.py``): deleting the tag releases them, so what the image alone used goes like any
+other garbage. ``legacy`` pins (held by no tag: a layout version 2 store's) that nothing live reaches are
+released by an untagged collection.
 
 Sweep: a blob that is unmarked, not pinned (imported) and not recent is deleted, with the repository links to
-it; upload sessions idle longer than ``storage.upload_expiry`` go too, and so do the staging stores of bundle
+it and its entry in the access index of cached blobs (so it no longer counts against the cache's bound); upload
+sessions idle longer than ``storage.upload_expiry`` go too, and so do the staging stores of bundle
 imports nobody reran for that long. It is safe while ``mirror serve`` runs:
 
 - uploads and pull-through fetches live in ``uploads/<session>/`` until they commit: out of the sweep's reach;
@@ -55,6 +59,7 @@ class Report:
     dry_run: bool
     blobs: dict[Digest, int] = field(default_factory=dict)
     manifests: list[tuple[str, Digest]] = field(default_factory=list)
+    released: list[Digest] = field(default_factory=list)  # legacy pins released (untagged collections)
     uploads: dict[str, int] = field(default_factory=dict)
     imports: dict[str, int] = field(default_factory=dict)
     kept: int = 0
@@ -72,6 +77,7 @@ class Report:
         return [
             *(f"gc: {problem}" for problem in self.problems),
             *(f"gc: {verb} untagged manifest {name}@{digest}" for name, digest in self.manifests),
+            *(f"gc: {'would release' if self.dry_run else 'released'} legacy pin {digest}" for digest in self.released),
             *(f"gc: {verb} blob {digest} ({size} bytes)" for digest, size in self.blobs.items()),
             *(f"gc: {verb} expired upload {session} ({size} bytes)" for session, size in self.uploads.items()),
             *(f"gc: {verb} abandoned import staging {key} ({size} bytes)" for key, size in self.imports.items()),
@@ -111,8 +117,12 @@ class Collector:
         if not dry_run:
             self._restore_all_trash()
         seen, marked = self._mark(untagged, dry_run, report)
+        if untagged and not report.unreadable:
+            report.released = sorted(set(self.pins.legacy()) - marked, key=str)
+            for digest in [] if dry_run else report.released:
+                self.pins.release_legacy(digest)
         total = sum(1 for _ in self.blobs.iter())
-        candidates = {} if report.unreadable else self._candidates(marked, started - self.grace)
+        candidates = {} if report.unreadable else self._candidates(marked, started - self.grace, report.released)
         if report.unreadable:
             report.problems.append("no blob removed: a manifest that cannot be read may need any of them")
         if dry_run:
@@ -195,9 +205,10 @@ class Collector:
         return marked
 
     # sweep
-    def _candidates(self, marked: set[Digest], cutoff: float) -> dict[Digest, int]:
-        """Unmarked, unpinned blobs that nothing wrote or linked after ``cutoff``, with their sizes."""
-        pinned = set(self.pins.all())
+    def _candidates(self, marked: set[Digest], cutoff: float, released: list[Digest]) -> dict[Digest, int]:
+        """Unmarked, unpinned blobs that nothing wrote or linked after ``cutoff``, with their sizes (``released``:
+        legacy pins this collection releases, still there in a dry run)."""
+        pinned = set(self.pins.all()) - set(released)
         found: dict[Digest, int] = {}
         for digest in self.blobs.iter():
             if digest in marked or digest in pinned or self.blobs.changed(digest) > cutoff:
@@ -235,6 +246,8 @@ class Collector:
         for name in self.metadata.repositories():
             for digest in deleted:
                 self.metadata.unlink_blob(name, digest)
+        for digest in deleted:
+            self.registry.store.access.forget(digest)
         return deleted
 
     def _restore_all_trash(self) -> None:

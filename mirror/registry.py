@@ -265,16 +265,22 @@ class Registry:
             self.metadata.add_referrer(name, manifest.subject, manifest.digest, manifest.descriptor())
 
     def delete_manifest(self, name: str, reference: str) -> None:
-        """Delete a tag, or a manifest by digest together with the tags pointing at it."""
+        """Delete a tag, or a manifest by digest with the tags pointing at it, releasing the pins they held."""
         check_name(name)
+        pins = self.store.pins
         if not Digest.is_digest(reference):
-            if not self.metadata.untag(name, check_tag(reference)):
+            pins.release(name, check_tag(reference))
+            if not self.metadata.untag(name, reference):
                 raise ManifestUnknown(f"tag {reference} is not in {name}")
             return
         digest = Digest.parse(reference)
         media_type = self.metadata.manifest_media_type(name, digest)
         if media_type is None:
             raise ManifestUnknown(f"manifest {digest} is not in {name}")
+        for tag in self.metadata.tags(name):
+            if self.metadata.resolve_tag(name, tag) == digest:
+                pins.release(name, tag)
+        pins.release(name, str(digest))
         try:
             subject = manifests.parse(self.blobs.read(digest), media_type).subject
         except Exception:  # noqa: BLE001 - an unreadable manifest has no referrer entry to remove
@@ -282,6 +288,29 @@ class Registry:
         if subject is not None:
             self.metadata.remove_referrer(name, subject, digest)
         self.metadata.unlink_manifest(name, digest)
+
+    def purge(self, name: str, roots: set[Digest]) -> list[Digest]:
+        """Delete manifests ``roots`` of ``name``, their tags and pins, and what only they reached; return them."""
+        # Reached manifests (an index's platforms, referrers) go too unless a tag or another manifest of ``name``
+        # reaches them or they are still pinned; so do the blob links. Blob bytes stay for the garbage collector.
+        doomed, doomed_blobs = self.store.reach(name, roots)
+        removed = []
+        for digest in sorted(doomed & roots, key=str):
+            with contextlib.suppress(ManifestUnknown):  # deleted meanwhile
+                self.delete_manifest(name, str(digest))
+                removed.append(digest)
+        rest = doomed - roots
+        pinned = {digest for digest in rest if self.store.pins.is_pinned(digest)}
+        tagged = {self.metadata.resolve_tag(name, tag) for tag in self.metadata.tags(name)}
+        live = (set(self.metadata.manifests(name)) - rest) | pinned | {digest for digest in tagged if digest}
+        kept, kept_blobs = self.store.reach(name, live)
+        for digest in sorted(rest - kept, key=str):
+            with contextlib.suppress(ManifestUnknown):
+                self.delete_manifest(name, str(digest))
+                removed.append(digest)
+        for digest in doomed_blobs - kept_blobs:
+            self.metadata.unlink_blob(name, digest)
+        return removed
 
     # listings
     def tags(self, name: str) -> list[str]:

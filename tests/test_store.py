@@ -12,6 +12,7 @@ from mirror import storage
 from mirror.digest import Digest
 from mirror.errors import BlobUnknown, StorageError
 from mirror.storage import Store
+from mirror.storage.store import LAYOUT_VERSION
 from tests.images import Blob, build_image
 
 HOUR = 3600.0
@@ -38,10 +39,10 @@ def test_open_creates_a_store_with_the_current_layout_version(tmp_path):
     root = tmp_path / "new"
     assert not storage.exists(root)
     store = storage.open(root)
-    assert (root / "layout-version").read_text() == "2\n"
+    assert (root / "layout-version").read_text() == f"{LAYOUT_VERSION}\n"
     assert storage.exists(root) and store.metadata.repositories() == []
     storage.open(root)  # reopening a current store changes nothing
-    assert (root / "layout-version").read_text() == "2\n"
+    assert (root / "layout-version").read_text() == f"{LAYOUT_VERSION}\n"
 
 
 def test_a_v1_store_loses_only_the_unlisted_blob_links_of_registry_named_repositories(tmp_path):
@@ -59,13 +60,13 @@ def test_a_v1_store_loses_only_the_unlisted_blob_links_of_registry_named_reposit
     assert set(migrated.metadata.blobs("docker.io/library/a")) == listed
     assert set(migrated.metadata.blobs("team/app")) == {hosted}
     assert migrated.blobs.stat(unfounded) is not None  # only the link goes; the bytes are gc's to judge
-    assert (tmp_path / "layout-version").read_text() == "2\n"
+    assert (tmp_path / "layout-version").read_text() == f"{LAYOUT_VERSION}\n"
 
 
 def test_a_store_of_a_newer_layout_is_refused(tmp_path):
     storage.open(tmp_path)
-    (tmp_path / "layout-version").write_text("3\n")
-    with pytest.raises(StorageError, match="layout version 3"):
+    (tmp_path / "layout-version").write_text(f"{LAYOUT_VERSION + 1}\n")
+    with pytest.raises(StorageError, match=f"layout version {LAYOUT_VERSION + 1}"):
         storage.open(tmp_path)
     (tmp_path / "layout-version").write_text("two\n")
     with pytest.raises(StorageError, match="not a layout version"):

@@ -15,11 +15,18 @@ can see:
    reaches the store;
 4. staged blobs are promoted into the store (on the local disk a rename: no copy);
 5. every image's manifests and blob links are written and pinned; then, last, every image's tags.
+
+Run by root on a store another user owns (the service's), everything after opening the bundle runs with that
+user's effective uid, gid and groups, so the service can read what the import wrote.
 """
 from __future__ import annotations
 
+import contextlib
+import os
+import pwd
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from pathlib import Path
 from typing import BinaryIO
 
 from mirror import storage
@@ -38,10 +45,12 @@ from mirror.storage.pins import Pins
 
 
 def run(config: Config, paths: Sequence[str], trust: Sequence[str] = ()) -> int:
-    """Import the bundle made of ``paths`` into the store of ``config``; return the exit status."""
+    """Import the bundle of ``paths`` into the store of ``config``, as the store's owner; return the exit status."""
+    root = config.storage.root.absolute()
+    print(f"importing into {root}", flush=True)
     try:
         keys = [signing.load_public_key(path) for path in [*trust, *config.trusted_keys]]
-        with BundleArchive(paths) as archive:
+        with BundleArchive(paths) as archive, _as_owner_of(root):
             print(signing.check(archive.bundle_json, archive.signature, keys))
             bundle = Bundle.from_json(archive.bundle_json)
             Importer(config, bundle, Digest.of(archive.bundle_json)).run(archive)
@@ -49,6 +58,35 @@ def run(config: Config, paths: Sequence[str], trust: Sequence[str] = ()) -> int:
         print(f"mirror: import refused: {exc.message}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _as_owner_of(root: Path) -> Iterator[None]:
+    """Within this, run as the user owning the store ``root`` (its uid, gid and groups) when root runs this and another
+    user owns it (the service's store): files root wrote there would be unreadable to the service."""
+    try:
+        owner = root.stat()
+    except FileNotFoundError:
+        owner = None
+    if owner is None or owner.st_uid == 0 or os.geteuid() != 0:
+        yield
+        return
+    try:
+        user = pwd.getpwuid(owner.st_uid)
+        name, gid, groups = user.pw_name, user.pw_gid, os.getgrouplist(user.pw_name, user.pw_gid)
+    except KeyError:  # an owner without a passwd entry: the store's group
+        name, gid, groups = str(owner.st_uid), owner.st_gid, [owner.st_gid]
+    print(f"writing as {name}, the owner of {root}", flush=True)
+    saved_gid, saved_groups = os.getegid(), os.getgroups()
+    os.setgroups(groups)
+    os.setegid(gid)
+    os.seteuid(owner.st_uid)
+    try:
+        yield
+    finally:
+        os.seteuid(0)
+        os.setegid(saved_gid)
+        os.setgroups(saved_groups)
 
 
 class Importer:
@@ -123,15 +161,18 @@ class Importer:
         return closure
 
     def _publish(self, registry: Registry, pins: Pins, events: Events, closure: verify.Closure) -> None:
-        """Store every image's manifests and links and pin them; then tag each image."""
+        """Pin every image's digests, held by its tag (or its digest when imported without one), and store its
+        manifests and links; then tag each image."""
         refs = [Reference.parse(image.reference, None) for image in self.bundle.images]
-        for ref, published in zip(refs, closure.published, strict=True):
-            for manifest in published:  # children first
-                for digest in (Digest.parse(blob["digest"]) for blob in manifest.blobs if not blob.get("urls")):
+        for image, ref, published in zip(self.bundle.images, refs, closure.published, strict=True):
+            blobs = [[Digest.parse(blob["digest"]) for blob in manifest.blobs if not blob.get("urls")]
+                     for manifest in published]
+            pins.hold(ref.store_name, ref.tag or str(image.digest),
+                      {digest for listed in blobs for digest in listed} | {manifest.digest for manifest in published})
+            for manifest, listed in zip(published, blobs, strict=True):  # children first
+                for digest in listed:
                     registry.metadata.link_blob(ref.store_name, digest)
-                    pins.pin(digest)
                 registry.store_manifest(ref.store_name, manifest)
-                pins.pin(manifest.digest)
         for image, ref in zip(self.bundle.images, refs, strict=True):
             self._tag(registry, events, image, ref)
 

@@ -11,11 +11,19 @@
       repositories/<name>/_tags/<tag>                   the digest the tag points at
       repositories/<name>/_referrers/<alg>/<hex>/<alg>-<hex>
                                                         descriptor JSON of a manifest whose subject is <hex>
+      repositories/<name>/_tag-list.json                a mirrored repository's tags as its upstream last listed
+                                                        them (a JSON list; when: the file's mtime)
       layout-version                                    the layout's version (``store.py`` migrates older ones)
       state/                                            indexes and queues of other modules (cache, events)
       state/origins/<registry>/<alg>/<hex>              empty file: the blob's bytes came from that upstream
                                                         (``<registry>`` in store form, ``host_port``)
-      state/pins/<alg>/<hex>                            empty file: blob pinned (imported), never evicted
+      state/pinned/<alg>/<hex>/<holder>                 empty file: ``<holder>`` pins the blob or manifest against
+                                                        eviction and gc; pinned while any holder is there
+      state/pin-holders/<holder>                        JSON naming what holds pins: an imported tag or digest
+                                                        (repository, reference) and the digests it pins;
+                                                        ``<holder>`` is sha256("<repository>:<reference>")[:32],
+                                                        or ``legacy`` (no record) for a pin no tag holds
+      state/pins/<alg>/<hex>                            layout version 2's pins, bare (``store.py`` migrates them)
       state/imports/<key>/                              a bundle import's staging store (blobs verified, not
                                                         yet moved into blobs/); kept so a rerun resumes
       state/gc-trash/<alg>/<hex>                        a blob the garbage collector is deleting; moved back
@@ -53,6 +61,7 @@ SESSION_PATTERN = re.compile(r"[a-f0-9]{32}")
 SECRET_PATTERN = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 QUEUE_ENTRY_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f-]{36}\.json")
 REGISTRY_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
+HOLDER_PATTERN = re.compile(r"[a-f0-9]{32}|legacy")
 MAX_NAME_LENGTH = 255
 
 
@@ -70,6 +79,13 @@ def check_tag(tag: str) -> str:
     return tag
 
 
+def check_holder(holder: str) -> str:
+    """Return ``holder`` if it names a pin holder (32 hex digits, or ``legacy``), else raise StorageError."""
+    if not HOLDER_PATTERN.fullmatch(holder):
+        raise StorageError(f"invalid pin holder {holder[:100]!r}")
+    return holder
+
+
 class Layout:
     """Paths of everything under one store root."""
 
@@ -79,7 +95,9 @@ class Layout:
         self.uploads = self.root / "uploads"
         self.repositories = self.root / "repositories"
         self.state = self.root / "state"
-        self.pins = self.state / "pins"
+        self.pins = self.state / "pinned"
+        self.pin_holders = self.state / "pin-holders"
+        self.pins_v2 = self.state / "pins"
         self.trash = self.state / "gc-trash"
         self.cache_index = self.state / "cache-index"
         self.secrets = self.state / "auth"
@@ -129,14 +147,26 @@ class Layout:
         """The file that holds the digest tag ``tag`` of ``name`` points at."""
         return Path(f"{self._repository(name)}/_tags/{check_tag(tag)}")
 
+    def tag_list(self, name: str) -> Path:
+        """The file that keeps the tag list the upstream of mirrored repository ``name`` last gave."""
+        return Path(f"{self._repository(name)}/_tag-list.json")
+
     def fetch_claim(self, digest: Digest) -> tuple[Path, Path]:
         """The lock file and the session note of a pull-through fetch of ``digest``."""
         stem = self.fetching / f"{digest.algorithm}-{digest.hex}"
         return stem.with_suffix(".lock"), stem.with_suffix(".json")
 
-    def pin(self, digest: Digest) -> Path:
-        """The file whose presence pins blob ``digest`` against eviction."""
+    def pins_of(self, digest: Digest) -> Path:
+        """The folder of the holders pinning ``digest``."""
         return Path(f"{self.pins}/{digest.algorithm}/{digest.hex}")
+
+    def pin(self, digest: Digest, holder: str) -> Path:
+        """The file whose presence says ``holder`` pins ``digest`` against eviction and gc."""
+        return self.pins_of(digest) / check_holder(holder)
+
+    def pin_holder(self, holder: str) -> Path:
+        """The record of ``holder``: what holds its pins and which digests it pins."""
+        return self.pin_holders / check_holder(holder)
 
     def origin(self, registry: str, digest: Digest) -> Path:
         """The file whose presence says blob ``digest`` was fetched from ``registry`` (store form)."""

@@ -12,15 +12,23 @@ migrates an existing one to ``LAYOUT_VERSION`` (recorded in ``<root>/layout-vers
   links in registry-named repositories (``docker.io/...``) may be unfounded. The migration keeps only the
   blob links that a manifest of the same repository lists, and writes the marker; what it drops costs an
   upstream confirmation (a HEAD) when next asked for.
-- version 2: the current layout (``paths.py``).
+- version 2: imported content was pinned by bare files (``state/pins/<alg>/<hex>``), forever. The migration makes
+  each tag whose manifest was pinned the holder of the pinned digests that manifest reaches in its repository
+  (``pins.py``), and each pinned manifest that no tag and no other pinned manifest there reaches (an image
+  imported by digest, or whose tag was deleted) the holder of what it reaches, by its digest; deleting that tag
+  or manifest releases them. What no manifest reaches any more (pinned blobs of manifests deleted meanwhile)
+  keeps a ``legacy`` pin, which ``mirror gc --untagged`` releases when nothing live reaches it. The old files
+  are removed last, and a migration cut short is redone from the old files and the pins it made.
+- version 3: the current layout (``paths.py``).
 
 A store of a newer version than this code knows is refused rather than misread.
 """
 from __future__ import annotations
 
 import contextlib
+import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,14 +37,14 @@ from mirror.digest import Digest
 from mirror.errors import MirrorError, StorageError
 from mirror.storage.access import AccessIndex
 from mirror.storage.fetching import FetchClaim, ForeignFetch
-from mirror.storage.filesystem import FilesystemBlobStore, storage_error, write_atomic, write_once
+from mirror.storage.filesystem import FilesystemBlobStore, digests_in, storage_error, write_atomic, write_once
 from mirror.storage.imports import Imports
 from mirror.storage.metadata import Metadata
 from mirror.storage.paths import Layout
 from mirror.storage.pins import Pins
 from mirror.storage.queue import Queues
 
-LAYOUT_VERSION = 2
+LAYOUT_VERSION = 3
 
 
 @dataclass(frozen=True)
@@ -100,6 +108,24 @@ class Store:
             return f"store is not writable: {exc.strerror or type(exc).__name__}"
         return None
 
+    def reach(self, name: str, roots: Iterable[Digest]) -> tuple[set[Digest], set[Digest]]:
+        """The manifests of ``name`` that ``roots`` reach (themselves, children, referrers) and the blobs they list."""
+        linked = set(self.metadata.manifests(name))
+        reached: set[Digest] = set()
+        blobs: set[Digest] = set()
+        stack = list(roots)
+        while stack:
+            digest = stack.pop()
+            if digest in reached or digest not in linked:
+                continue
+            reached.add(digest)
+            with contextlib.suppress(MirrorError):  # a manifest that cannot be read reaches no further
+                listed, children = manifests.references(self.blobs.read(digest))
+                blobs |= listed
+                stack += children
+            stack += self.metadata.referrer_digests(name, digest)
+        return reached, blobs
+
     def stats(self) -> StoreStats:
         """Count the blobs and the pinned blobs and their bytes (walks the whole store)."""
         sizes = [size for size in map(self.blobs.stat, self.blobs.iter()) if size is not None]
@@ -124,6 +150,8 @@ def open(root: Path | str) -> Store:  # noqa: A001 - ``storage.open`` is the one
     store = Store(layout.root)
     if version < 2:
         _unlink_unfounded_blob_links(store)
+    if version < 3:
+        _hold_bare_pins(store, layout)
     if fresh or version < LAYOUT_VERSION:
         write_atomic(layout.version, f"{LAYOUT_VERSION}\n".encode())
     return store
@@ -160,3 +188,31 @@ def _unlink_unfounded_blob_links(store: Store) -> None:
                 listed.update(Digest.parse(blob["digest"]) for blob in parsed.blobs)
         for digest in set(metadata.blobs(name)) - listed:
             metadata.unlink_blob(name, digest)
+
+
+def _hold_bare_pins(store: Store, layout: Layout) -> None:
+    """Version 2 -> 3: bare pins become pins held by the tags (or untagged manifests) that reach them; the rest
+    become legacy pins."""
+    pinned = set(digests_in(layout.pins_v2)) | set(store.pins.all())  # a second run finds what the first moved
+    held: set[Digest] = set()
+
+    def hold(name: str, reference: str, reach: tuple[set[Digest], set[Digest]]) -> None:
+        digests = (reach[0] | reach[1]) & pinned
+        store.pins.hold(name, reference, digests)
+        held.update(digests)
+
+    for name in store.metadata.repositories() if pinned else ():
+        covered: set[Digest] = set()
+        for tag in store.metadata.tags(name):
+            if (digest := store.metadata.resolve_tag(name, tag)) in pinned:
+                reach = store.reach(name, {digest})
+                covered |= reach[0]
+                hold(name, tag, reach)
+        untagged = {digest: store.reach(name, {digest})
+                    for digest in (set(store.metadata.manifests(name)) & pinned) - covered}
+        below = {child for digest, (reached, _) in untagged.items() for child in reached - {digest}}
+        for digest in untagged.keys() - below:
+            hold(name, str(digest), untagged[digest])
+    for digest in pinned - held:
+        store.pins.pin(digest)
+    shutil.rmtree(layout.pins_v2, ignore_errors=True)
