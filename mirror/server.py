@@ -27,7 +27,7 @@ from mirror.config import Config, load
 from mirror.errors import ConfigError, MirrorError
 from mirror.events import Events
 from mirror.fetch import Fetcher
-from mirror.metrics import Metrics, RequestLog, configure_logging
+from mirror.metrics import Metrics, RequestLog, configure_logging, multiprocess_metrics, worker_ended
 from mirror.registry import Registry
 from mirror.repository import Repositories
 from mirror.upstream import UpstreamClient
@@ -80,7 +80,7 @@ class Appliance:
     def dependencies(self) -> dict[str, Any]:
         """What the request handlers are given."""
         return {"registry": self.registry, "repositories": self.repositories, "activity": self.activity,
-                "auth": self.auth, "metrics": self.metrics, "events": self.events, "config": self.config}
+                "auth": self.auth, "metrics": self.metrics, "events": self.events}
 
     async def close(self) -> None:
         """Release the upstream connections and the store (at once: fetches in flight fail)."""
@@ -253,6 +253,7 @@ class Supervisor:
                 time.sleep(SUPERVISE_SECONDS)
                 continue
             self.children.discard(pid)
+            worker_ended(pid)
             if not self.stopping:
                 log.error("worker %d ended (status %d); starting another", pid, status)
                 self._spawn()
@@ -301,7 +302,7 @@ def keep_freed_chunks() -> None:
 
 def serve(config: Config, config_path: str | None = None, environ: Mapping[str, str] | None = None) -> int:
     """Run the server for ``config`` until stopped, in ``config.workers`` processes; return the exit status."""
-    configure_logging(sys.stderr)
+    configure_logging(sys.stderr, config.log_format)
     keep_freed_chunks()
     environ = environ or {}
     try:  # here, before any worker starts: a store that cannot be used ends the command with one line
@@ -322,4 +323,5 @@ def serve(config: Config, config_path: str | None = None, environ: Mapping[str, 
     if config.workers == 1:
         work(notifier)
         return 0
-    return Supervisor(config.workers, lambda: work(systemd.Notifier(None)), notifier).run()
+    with multiprocess_metrics():  # so that a scrape, whichever worker answers it, counts what all of them did
+        return Supervisor(config.workers, lambda: work(systemd.Notifier(None)), notifier).run()

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
 import uuid
+from pathlib import Path
 
 import httpx
 import pytest
+from prometheus_client import ProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from mirror.metrics import BootProcessCollector, version
 from tests.images import build_image, push
 from tests.peers import DistributionRegistry, MirrorProcess, wait_until
 
@@ -70,19 +74,25 @@ def test_metrics_count_misses_then_hits_upstream_latency_and_errors(tmp_path, up
     with MirrorProcess(tmp_path / "mirror", config) as mirror:
         assert pull(mirror, f"{UPSTREAM}/org/tool", "1.0") == image_bytes
         cold = scrape_after(mirror, len(image.blobs))
-        assert value(cold, "mirror_cache_requests_total", kind="manifest", result="miss") == 1
-        assert value(cold, "mirror_cache_requests_total", kind="blob", result="miss") == len(image.blobs)
-        assert value(cold, "mirror_cache_requests_total", kind="blob", result="hit") == 0
-        assert value(cold, "mirror_cache_saved_bytes_total") == 0
+        assert value(cold, "mirror_cache_requests_total", kind="manifest", result="miss", upstream=UPSTREAM) == 1
+        assert value(cold, "mirror_cache_requests_total", kind="blob", result="miss", upstream=UPSTREAM) == len(
+            image.blobs)
+        assert value(cold, "mirror_cache_requests_total", kind="blob", result="hit", upstream=UPSTREAM) == 0
+        assert value(cold, "mirror_cache_response_bytes_total", kind="blob", result="miss", upstream=UPSTREAM) == (
+            image_bytes - image.manifest.size)
+        assert value(cold, "mirror_cache_saved_bytes_total", upstream=UPSTREAM) == 0
         assert value(cold, "mirror_upstream_request_duration_seconds_count", upstream=UPSTREAM) >= 1 + len(image.blobs)
         assert value(cold, "mirror_store_blobs") == len(image.blobs) + 1  # and the manifest
         assert value(cold, "mirror_store_blob_bytes") == image_bytes
 
         assert pull(mirror, f"{UPSTREAM}/org/tool", "1.0") == image_bytes
         warm = scrape_after(mirror, 2 * len(image.blobs))
-        assert value(warm, "mirror_cache_requests_total", kind="manifest", result="hit") == 1
-        assert value(warm, "mirror_cache_requests_total", kind="blob", result="hit") == len(image.blobs)
-        assert value(warm, "mirror_cache_saved_bytes_total") == image_bytes
+        assert value(warm, "mirror_cache_requests_total", kind="manifest", result="hit", upstream=UPSTREAM) == 1
+        assert value(warm, "mirror_cache_requests_total", kind="blob", result="hit", upstream=UPSTREAM) == len(
+            image.blobs)
+        assert value(warm, "mirror_cache_response_bytes_total", kind="manifest", result="hit", upstream=UPSTREAM) == (
+            image.manifest.size)
+        assert value(warm, "mirror_cache_saved_bytes_total", upstream=UPSTREAM) == image_bytes
         assert value(warm, "mirror_http_requests_total", route="blob", method="GET", status="200") == 2 * len(
             image.blobs)
         assert value(warm, "mirror_http_response_bytes_total", route="blob") == 2 * (image_bytes - image.manifest.size)
@@ -95,7 +105,7 @@ def test_metrics_count_misses_then_hits_upstream_latency_and_errors(tmp_path, up
         assert missing.status_code >= 400
         down = scrape(mirror)
         assert value(down, "mirror_upstream_errors_total", upstream=UPSTREAM, reason="connection") >= 1
-        assert value(down, "mirror_cache_requests_total", kind="manifest", result="hit") == 1
+        assert value(down, "mirror_cache_requests_total", kind="manifest", result="hit", upstream=UPSTREAM) == 1
 
 
 def test_evictions_are_counted(tmp_path, upstream):
@@ -106,6 +116,25 @@ def test_evictions_are_counted(tmp_path, upstream):
         samples = scrape(mirror)
     assert value(samples, "mirror_cache_evictions_total") >= 1
     assert value(samples, "mirror_cache_evicted_bytes_total") >= upstream.image.config.size
+
+
+def test_one_process_exposes_its_own_process_metrics_and_the_version(tmp_path):
+    with MirrorProcess(tmp_path / "mirror", {"upstreams": []}) as mirror:
+        samples = scrape(mirror)
+        rss = int(Path(f"/proc/{mirror.pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    assert value(samples, "mirror_build_info", version=version()) == 1
+    assert value(samples, "process_resident_memory_bytes") == pytest.approx(rss, rel=0.2)
+    assert value(samples, "process_open_fds") > 0
+
+
+def test_process_metrics_also_where_proc_stat_is_hidden(tmp_path):
+    """systemd's ``ProcSubset=pid`` (mirror.service) hides ``/proc/stat``, where the boot time is read."""
+    (tmp_path / str(os.getpid())).symlink_to(f"/proc/{os.getpid()}")  # a /proc holding only this process
+    hidden = {family.name: family.samples[0].value
+              for family in BootProcessCollector(pid=os.getpid, proc=str(tmp_path), registry=None).collect()}
+    full = {family.name: family.samples[0].value for family in ProcessCollector(registry=None).collect()}
+    assert hidden["process_resident_memory_bytes"] > 0
+    assert hidden["process_start_time_seconds"] == pytest.approx(full["process_start_time_seconds"], abs=1.5)
 
 
 def test_health_and_readiness(tmp_path):
@@ -159,6 +188,7 @@ def test_one_structured_log_line_per_request(tmp_path):
         ("GET", "/manifests/missing", 404), ("PUT", "/manifests/v2", 400), ("GET", "/tags/list", 200)]
     get, head, blob, missing, bad, tags = records
     assert get["bytes"] == image.manifest.size and get["cache"] == "hosted" and get["route"] == "manifest"
+    assert all(record["upstream"] is None for record in records)  # hosted content, or none
     assert head["bytes"] == 0 and head["cache"] == "hosted"
     assert blob["bytes"] == 100 and blob["cache"] == "hosted"
     assert missing["cache"] is None and "missing" in missing["error"] and missing["level"] == "warning"

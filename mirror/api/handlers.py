@@ -18,10 +18,10 @@ from mirror.api import errcodes
 from mirror.auth import Auth, Caller
 from mirror.digest import Digest
 from mirror.events import Content, Events
-from mirror.fetch import BlobSource
+from mirror.fetch import HOSTED, BlobSource
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry, paginate
-from mirror.repository import Repositories, Repository
+from mirror.repository import DefaultRoute, Mirrored, Repositories, Repository
 from mirror.storage.filesystem import FileBlobWriter
 
 log = logging.getLogger("mirror.api")
@@ -38,6 +38,7 @@ class BaseHandler(tornado.web.RequestHandler):
     repository: Repository  # what the route's ``name`` resolved to (routes with a name only)
     bytes_sent = 0  # body bytes written, for the access log and metrics
     cache_result: str | None = None  # where the blob or manifest served came from: hosted, hit or miss
+    upstream: str | None = None  # the upstream a blob or manifest served as a hit or a miss is cached from
     error_message: str | None = None  # why the request failed, for the access log
 
     def initialize(self, registry: Registry, repositories: Repositories, activity: Any = None,
@@ -85,6 +86,14 @@ class BaseHandler(tornado.web.RequestHandler):
                                       self.repository if name is not None else None)
             # a password costs a bcrypt check, slow on purpose: on the password threads, a bounded queue
             self.caller = await self.auth.passwords.run(authorization, check)
+
+    def served(self, origin: str) -> None:
+        """Note where the blob or manifest served came from, for the access log and metrics: ``origin`` and,
+        for a hit or a miss, the upstream of the mirrored repository (behind a default route) that served it."""
+        self.cache_result = origin
+        mirrored = self.repository.mirrored if isinstance(self.repository, DefaultRoute) else self.repository
+        if origin != HOSTED and isinstance(mirrored, Mirrored):
+            self.upstream = mirrored.upstream.name
 
     def may_read(self, repository: Repository | str) -> bool:
         """Whether the caller may pull from ``repository`` (or a store repository's name); anyone may, without
@@ -235,7 +244,7 @@ class BlobHandler(BaseHandler):
 
     async def _send(self, name: str, digest: Digest, body: bool) -> None:
         source = await self.repository.blob(digest)
-        self.cache_result = source.origin
+        self.served(source.origin)
         self.set_header("Docker-Content-Digest", str(digest))
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("ETag", f'"{digest}"')
@@ -475,7 +484,7 @@ class ManifestHandler(BaseHandler):
 
     async def _send(self, name: str, reference: str, body: bool) -> None:
         manifest = await self.repository.manifest(reference)
-        self.cache_result = manifest.origin
+        self.served(manifest.origin)
         if body:
             self.notify("pull", manifest.repository, reference, manifest)
         self.set_header("Content-Type", manifest.media_type)

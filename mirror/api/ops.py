@@ -9,17 +9,16 @@ import asyncio
 from typing import Any
 
 from mirror.api.handlers import BaseHandler
-from mirror.config import Config
 from mirror.metrics import Metrics
 
 
 class OpsHandler(BaseHandler):
     """An operations endpoint: no access check."""
 
-    def initialize(self, metrics: Metrics, config: Config, **dependencies: Any) -> None:
-        """Receive the metrics and the config besides the registry's dependencies."""
+    def initialize(self, metrics: Metrics, **dependencies: Any) -> None:
+        """Receive the metrics besides the registry's dependencies."""
         super().initialize(**dependencies)
-        self.metrics, self.config = metrics, config
+        self.metrics = metrics
 
     def prepare(self) -> None:
         """Anyone may ask."""
@@ -50,9 +49,8 @@ class ReadyHandler(OpsHandler):
     the server does not start without one, and a failed reload keeps the running one)."""
 
     async def get(self) -> None:
-        """Check that the store takes writes (the reason names no path)."""
+        """Check that the store takes writes; the answer names no path (neither the store's nor the config's)."""
         problem = await asyncio.to_thread(self.registry.store.writable_problem)
         if problem is not None:
             self.set_status(503)
-        self.write_json({"status": "ready" if problem is None else "unready", "reason": problem,
-                         "config": self.config.source})
+        self.write_json({"status": "ready" if problem is None else "unready", "reason": problem})
