@@ -3,13 +3,16 @@
 The YAML file's keys map one to one onto these dataclasses; every error names the key at fault. Every value
 must have its key's YAML type: a boolean is ``true`` or ``false`` (never the string ``"false"``), a number is
 never a boolean, a path or name is a string.
-Without a file the embedded defaults serve on 0.0.0.0:5000 from ``./mirror-data`` with docker.io upstream.
+Without a file the embedded defaults serve on 0.0.0.0:5000 from ``./mirror-data`` with docker.io upstream; an
+empty file is an error. Files the config names (keys, certificates, htpasswd) must exist when it is loaded.
 """
 from __future__ import annotations
 
+import difflib
 import re
-from collections.abc import Mapping
-from dataclasses import dataclass, field
+import ssl
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -32,7 +35,9 @@ ENV_OVERRIDES = {
     "MIRROR_WORKERS": "workers",
     "MIRROR_TLS_CERT": "tls.cert",
     "MIRROR_TLS_KEY": "tls.key",
+    "MIRROR_LOG_FORMAT": "log_format",
 }
+LOG_FORMATS = ("auto", "text", "json")  # auto: text when stderr is a terminal, else JSON
 
 # The actions a notification endpoint can subscribe to.
 EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
@@ -84,6 +89,9 @@ class Upstream:
     manifest_ttl: float = 300.0
     allow_push: bool = False
     timeout: float = 10.0
+    proxy: str | None = field(default=None, repr=False)  # the proxy its requests go through (None: direct)
+    ca_file: Path | None = None  # CA certificates trusted besides the system's
+    tls_verify: bool = True
 
 
 @dataclass(frozen=True)
@@ -151,6 +159,7 @@ class Config:
     auth: Auth | None = None
     source: str = "embedded defaults"
     notifications: tuple[Endpoint, ...] = ()
+    log_format: str = "auto"
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -174,7 +183,7 @@ def load(path: str | Path | None, environ: Mapping[str, str]) -> Config:
         if variable in environ:
             value: Any = environ[variable]
             _set_path(raw, key, int(value) if key == "workers" and re.fullmatch(r"[0-9]{1,4}", value) else value)
-    return _build(raw, str(path) if path else "embedded defaults")
+    return _build(raw, str(path) if path else "embedded defaults", environ)
 
 
 def _read(path: Path) -> dict[str, Any]:
@@ -190,7 +199,7 @@ def _read(path: Path) -> dict[str, Any]:
     except (yaml.YAMLError, ValueError, RecursionError) as exc:  # PyYAML's int() limit, its recursive composer
         raise ConfigError(str(path), f"not valid YAML: {' '.join(str(exc).split())}") from exc
     if raw is None:
-        return {}
+        raise ConfigError(str(path), "is empty (or only comments): set at least one key (README: Configuration)")
     if not isinstance(raw, dict):
         raise ConfigError(str(path), "the top level must be a mapping")
     return raw
@@ -203,36 +212,64 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
     raw[leaf] = value
 
 
-def _build(raw: dict[str, Any], source: str) -> Config:
+def _build(raw: dict[str, Any], source: str, environ: Mapping[str, str] | None = None) -> Config:
     _known_keys(raw, "", {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls",
-                          "auth", "notifications"})
+                          "auth", "notifications", "log_format", "proxy"})
     listen = _listen(raw.get("listen", DEFAULT_LISTEN))
     storage = _storage(raw.get("storage"))
+    proxy_for = _default_proxy(raw, environ or {})
     if "upstreams" in raw:
-        upstreams = tuple(_upstream(i, u) for i, u in enumerate(_list(raw["upstreams"], "upstreams")))
+        upstreams = tuple(_upstream(i, u, proxy_for) for i, u in enumerate(_list(raw["upstreams"], "upstreams")))
         default = raw.get("default_upstream")
     else:
-        upstreams = Config.upstreams
+        upstreams = tuple(replace(u, proxy=proxy_for(u.url)) for u in Config.upstreams)
         default = raw.get("default_upstream", DOCKER_HUB)
     names = [u.name for u in upstreams]
     if len(set(names)) != len(names):
         raise ConfigError("upstreams", "two upstreams name the same registry (docker.io, index.docker.io and "
                                        "registry-1.docker.io are one)")
-    if default is not None and (not isinstance(default, str) or not REGISTRY_NAME.fullmatch(default)):
-        raise ConfigError("default_upstream", f"{default!r} is not a registry host name such as docker.io")
-    default = None if default is None else normalise_registry(default)
+    default = _default_upstream(default, names)
     workers = raw.get("workers", 1)
     if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= 64:
         raise ConfigError("workers", f"{workers!r} is not a whole number from 1 to 64")
     keys = _list(raw.get("trusted_keys"), "trusted_keys")
-    trusted_keys = tuple(_trusted_key(index, key) for index, key in enumerate(keys))
+    trusted_keys = tuple(_file(key, f"trusted_keys[{index}]", "an Ed25519 public key")
+                         for index, key in enumerate(keys))
     endpoints = _list(raw.get("notifications"), "notifications")
     notifications = tuple(_endpoint(index, entry) for index, entry in enumerate(endpoints))
     if len({endpoint.url for endpoint in notifications}) != len(notifications):
         raise ConfigError("notifications", "two endpoints have the same url")
+    log_format = _string(raw.get("log_format", Config.log_format), "log_format", " or ".join(LOG_FORMATS))
+    if log_format not in LOG_FORMATS:
+        raise ConfigError("log_format", f"{log_format!r:.40} is not one of {', '.join(LOG_FORMATS)}")
     return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")),
                   auth=_auth(raw.get("auth")), source=source,
-                  notifications=notifications)
+                  notifications=notifications, log_format=log_format)
+
+
+def _default_upstream(value: Any, upstreams: list[str]) -> str | None:
+    """The registry ``value`` names: a configured upstream, or a host name (a dot or a port, or ``localhost``)."""
+    if value is None:
+        return None
+    if not isinstance(value, str) or not REGISTRY_NAME.fullmatch(value):
+        raise ConfigError("default_upstream", f"{value!r:.80} is not a registry host name such as docker.io")
+    name = normalise_registry(value)
+    if name in upstreams or "." in name or ":" in name or name == "localhost":
+        return name
+    close = difflib.get_close_matches(name, upstreams, n=1)
+    configured = f"the configured upstreams are {', '.join(upstreams)}" if upstreams else "no upstream is configured"
+    raise ConfigError("default_upstream", f"{value!r} is neither a configured upstream nor a registry host name "
+                      f"(one with a dot or a port, or localhost): {configured}"
+                      + (f"; did you mean {close[0]}?" if close else ""))
+
+
+def _file(value: Any, key: str, what: str) -> Path:
+    """The path ``value`` names if it is a string naming an existing file; else a ConfigError naming ``key``."""
+    if not isinstance(value, str):
+        raise ConfigError(key, f"must be the path of {what} (a YAML string), not {_kind(value)}")
+    if not value or not Path(value).is_file():
+        raise ConfigError(key, f"{value!r}: no such file ({what})")
+    return Path(value)
 
 
 def _known_keys(raw: dict[str, Any], prefix: str, known: set[str]) -> None:
@@ -293,10 +330,7 @@ def _tls(raw: Any) -> Tls | None:
         return None
     if not isinstance(raw, dict) or set(raw) != {"cert", "key"}:
         raise ConfigError("tls", "must be a mapping with exactly cert and key (PEM file paths)")
-    for key in ("cert", "key"):
-        if not isinstance(raw[key], str) or not Path(raw[key]).is_file():
-            raise ConfigError(f"tls.{key}", f"{raw[key]!r} is not a file")
-    return Tls(Path(raw["cert"]), Path(raw["key"]))
+    return Tls(_file(raw["cert"], "tls.cert", "a PEM certificate"), _file(raw["key"], "tls.key", "a PEM private key"))
 
 
 def _auth(raw: Any) -> Auth | None:
@@ -305,9 +339,7 @@ def _auth(raw: Any) -> Auth | None:
     if not isinstance(raw, dict):
         raise ConfigError("auth", "must be a mapping with at least htpasswd")
     _known_keys(raw, "auth.", {"htpasswd", "realm", "service", "token_ttl", "anonymous_pull", "groups", "access"})
-    htpasswd = raw.get("htpasswd")
-    if not isinstance(htpasswd, str) or not Path(htpasswd).is_file():
-        raise ConfigError("auth.htpasswd", f"{htpasswd!r} is not a file")
+    htpasswd = _file(raw.get("htpasswd"), "auth.htpasswd", "an htpasswd file")
     realm = raw.get("realm")
     if realm is not None and (urlsplit(_string(realm, "auth.realm", "a URL")).scheme not in ("http", "https")
                               or '"' in realm):
@@ -323,7 +355,7 @@ def _auth(raw: Any) -> Auth | None:
     for reserved in {"*", "anonymous"} & set(groups):
         raise ConfigError(f"auth.groups.{reserved}", "is a reserved name, not a group")
     return Auth(
-        htpasswd=Path(htpasswd),
+        htpasswd=htpasswd,
         realm=realm,
         service=service,
         token_ttl=_positive(parse_duration(raw.get("token_ttl", Auth.token_ttl), "auth.token_ttl"), "auth.token_ttl"),
@@ -378,12 +410,6 @@ def _endpoint(index: int, raw: Any) -> Endpoint:
     return Endpoint(url, frozenset(events), pairs, timeout, max_queued)
 
 
-def _trusted_key(index: int, value: Any) -> Path:
-    if not isinstance(value, str) or not value:
-        raise ConfigError(f"trusted_keys[{index}]", "must be the path of an Ed25519 public key file")
-    return Path(value)
-
-
 def _list(value: Any, key: str) -> list[Any]:
     if value is None:
         return []
@@ -392,11 +418,12 @@ def _list(value: Any, key: str) -> list[Any]:
     return value
 
 
-def _upstream(index: int, raw: Any) -> Upstream:
+def _upstream(index: int, raw: Any, proxy_for: Callable[[str], str | None]) -> Upstream:
     key = f"upstreams[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(key, "must be a mapping with name and url")
-    _known_keys(raw, f"{key}.", {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout"})
+    _known_keys(raw, f"{key}.", {"name", "url", "username", "password", "manifest_ttl", "allow_push", "timeout",
+                                 "proxy", "ca_file", "tls_verify"})
     name = raw.get("name")
     if not isinstance(name, str) or not REGISTRY_NAME.fullmatch(name):
         raise ConfigError(f"{key}.name", "must be a registry host name such as docker.io")
@@ -418,7 +445,75 @@ def _upstream(index: int, raw: Any) -> Upstream:
         manifest_ttl=parse_duration(raw.get("manifest_ttl", 300), f"{key}.manifest_ttl"),
         allow_push=_boolean(raw.get("allow_push", False), f"{key}.allow_push"),
         timeout=_positive(parse_duration(raw.get("timeout", 10), f"{key}.timeout"), f"{key}.timeout"),
+        proxy=_proxy(raw["proxy"], f"{key}.proxy") if "proxy" in raw else proxy_for(url),
+        ca_file=None if raw.get("ca_file") is None else _ca_file(raw["ca_file"], f"{key}.ca_file"),
+        tls_verify=_boolean(raw.get("tls_verify", True), f"{key}.tls_verify"),
     )
+
+
+def _default_proxy(raw: dict[str, Any], environ: Mapping[str, str]) -> Callable[[str], str | None]:
+    """The proxy of an upstream URL whose entry has no ``proxy`` key: the top-level ``proxy`` if there is that
+    key, else the environment's."""
+    if "proxy" in raw:
+        proxy = _proxy(raw["proxy"], "proxy")
+        return lambda url: proxy
+    return lambda url: _environment_proxy(url, environ)
+
+
+def _environment_proxy(url: str, environ: Mapping[str, str]) -> str | None:
+    """The proxy ``https_proxy`` or ``http_proxy`` (by ``url``'s scheme; lower case first, as curl) names for
+    ``url``, unless ``no_proxy`` names its host; an empty variable is unset, one without a scheme is http://."""
+    parts = urlsplit(url)
+    variable = f"{parts.scheme}_proxy"
+    name, value = next(((name, environ[name]) for name in (variable, variable.upper()) if environ.get(name)),
+                       (variable, ""))
+    if not value or _bypassed(parts.hostname or "", environ.get("no_proxy") or environ.get("NO_PROXY") or ""):
+        return None
+    return _proxy(value if "://" in value else f"http://{value}", f"${name} (environment)")
+
+
+def _bypassed(host: str, no_proxy: str) -> bool:
+    """Whether ``no_proxy`` (comma-separated: ``*``, a host name or address, a domain with or without a leading
+    dot for it and its subdomains; a ``:port`` is ignored) names ``host``."""
+    for entry in no_proxy.lower().split(","):
+        entry = entry.strip()
+        if entry.startswith("["):
+            entry = entry[1:].partition("]")[0]
+        elif entry.count(":") == 1:
+            entry = entry.partition(":")[0]
+        entry = entry.lstrip(".")
+        if entry == "*" or (entry and (host == entry or host.endswith(f".{entry}"))):
+            return True
+    return False
+
+
+def _proxy(value: Any, key: str) -> str | None:
+    """A proxy URL (http:// or https://, a host, optional ``user:password@`` and port); None or empty: direct."""
+    if value is None or value == "":
+        return None
+    text = _string(value, key, "a proxy URL")
+    try:
+        parts = urlsplit(text)
+        usable = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+                  and parts.path in ("", "/") and not parts.query and not parts.fragment)
+    except ValueError:  # a port that is not a number below 65536, a broken [IPv6] host
+        usable = False
+    if not usable:
+        raise ConfigError(key, "must be an http:// or https:// proxy URL with a host and nothing after it, such as "
+                               "http://proxy.example:3128 (or null or \"\": none)")
+    return text
+
+
+def _ca_file(value: Any, key: str) -> Path:
+    """The path of a readable PEM bundle of CA certificates."""
+    path = _file(value, key, "a PEM bundle of CA certificates")
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(path)
+    except ssl.SSLError as exc:
+        raise ConfigError(key, f"{value!r}: no PEM CA certificate in it ({exc.reason})") from exc
+    except OSError as exc:
+        raise ConfigError(key, f"{value!r}: cannot read it ({exc.strerror})") from exc
+    return path
 
 
 def _positive(value: float, key: str) -> float:

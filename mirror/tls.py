@@ -6,7 +6,9 @@ SSL context.
     DIR/server.crt   the server certificate for the host name and addresses clients use
     DIR/server.key   the server's private key (mode 0600); ``tls.key`` in the config
 
-Running ``init`` again keeps an existing CA (clients keep trusting it) and issues a new server certificate.
+The server certificate names every host name and address given (one or several) and the loopback names.
+Running ``init`` again keeps an existing CA (clients keep trusting it) and issues a new server certificate for
+the names of the old one plus those given (only those given with ``replace_names``).
 """
 from __future__ import annotations
 
@@ -35,11 +37,15 @@ KeyPair = tuple[ec.EllipticCurvePrivateKey, x509.Certificate]
 _HOSTNAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9.-]*[A-Za-z0-9])?|[0-9A-Fa-f:.]+")
 
 
-def init(directory: str | Path, hostname: str, ips: Sequence[str]) -> int:
-    """Write a CA (or reuse the one in ``directory``) and a server certificate; print how to use them."""
+def init(directory: str | Path, hostnames: str | Sequence[str], ips: Sequence[str],
+         replace_names: bool = False) -> int:
+    """Write a CA (or reuse the one there) and a server certificate (see the module); print how to use them."""
     folder = Path(directory).resolve()
     folder.mkdir(parents=True, exist_ok=True)
-    names = _subject_names(hostname, ips)
+    given = [hostnames] if isinstance(hostnames, str) else list(hostnames)
+    kept = [] if replace_names else _earlier_names(folder / "server.crt")
+    names = _subject_names(given, ips, kept)
+    hostname = str(names[0].value)
     if (folder / "ca.key").exists() and (folder / "ca.crt").exists():
         ca_key, ca_cert = load_ca(folder)
         made = "kept the existing CA"
@@ -48,6 +54,8 @@ def init(directory: str | Path, hostname: str, ips: Sequence[str]) -> int:
         write_private(folder / "ca.key", _pem_key(ca_key))
         (folder / "ca.crt").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
         made = "made a new CA"
+    if kept:
+        made += "; kept the earlier certificate's names (--replace-names drops them)"
     key, cert = make_server_certificate(ca_key, ca_cert, names)
     write_private(folder / "server.key", _pem_key(key))
     (folder / "server.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
@@ -55,18 +63,39 @@ def init(directory: str | Path, hostname: str, ips: Sequence[str]) -> int:
     return 0
 
 
-def _subject_names(hostname: str, ips: Sequence[str]) -> list[x509.GeneralName]:
-    """The SAN entries: the host name (or address), each ``--ip``, and the loopback names, each once."""
-    if not _HOSTNAME.fullmatch(hostname):
-        raise ConfigError("--hostname", f"{hostname!r} is not a host name or IP address")
-    names = [_general_name(hostname)]
+def _subject_names(hostnames: Sequence[str], ips: Sequence[str],
+                   kept: Sequence[x509.GeneralName]) -> list[x509.GeneralName]:
+    """The SAN entries, each once: the host names (or addresses), the ``kept`` names, each ``--ip``, and the
+    loopback names; the first is the one clients are told to use."""
+    names = []
+    for hostname in hostnames:
+        if not _HOSTNAME.fullmatch(hostname):
+            raise ConfigError("--hostname", f"{hostname!r} is not a host name or IP address")
+        names.append(_general_name(hostname))
+    names += kept
     for ip in ips:
         try:
             names.append(x509.IPAddress(ipaddress.ip_address(ip)))
         except ValueError:
             raise ConfigError("--ip", f"{ip!r} is not an IP address") from None
+    if not names:
+        raise ConfigError("--hostname", "give the host name (or --ip the address) clients reach the mirror by")
     names += [_general_name(name) for name in LOOPBACK]
     return list(dict.fromkeys(names))
+
+
+def _earlier_names(path: Path) -> list[x509.GeneralName]:
+    """The names (but the loopback ones) of the server certificate at ``path``, if there is one."""
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+        names = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except FileNotFoundError:
+        return []
+    except (OSError, ValueError, x509.ExtensionNotFound) as exc:
+        raise ConfigError(str(path), f"cannot read its names ({exc}): give --replace-names to issue a certificate "
+                                     "for the names given only") from exc
+    loopback = {_general_name(name) for name in LOOPBACK}
+    return [name for name in names if isinstance(name, x509.DNSName | x509.IPAddress) and name not in loopback]
 
 
 def _general_name(value: str) -> x509.GeneralName:

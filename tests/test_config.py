@@ -134,3 +134,43 @@ def test_the_workers_variable_is_a_number_of_digits(tmp_path, full):
     for value in ("x", "²", "9" * 5000, "true"):
         with pytest.raises(ConfigError, match="workers"):
             load_raw(tmp_path, full, {"MIRROR_WORKERS": value})
+
+
+def test_a_default_upstream_that_is_no_upstream_nor_host_name_is_refused_with_the_upstreams(tmp_path, full):
+    full["default_upstream"] = "dockerio"
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, full)
+    assert caught.value.key == "default_upstream"
+    assert "configured upstreams are docker.io" in caught.value.message
+    assert "did you mean docker.io?" in caught.value.message
+    with pytest.raises(ConfigError, match="no upstream is configured"):
+        load_raw(tmp_path, {"upstreams": [], "default_upstream": "dockerio"})
+    with pytest.raises(ConfigError, match="default_upstream"):
+        load(None, {"MIRROR_DEFAULT_UPSTREAM": "dockerio"})
+
+
+@pytest.mark.parametrize("name", ["quay.io", "registry:5000", "localhost", "Index.Docker.IO"])
+def test_a_default_upstream_may_be_any_registry_host_name(tmp_path, name):
+    default = load_raw(tmp_path, {"upstreams": [], "default_upstream": name}).default_upstream
+    assert default == ("docker.io" if name == "Index.Docker.IO" else name)
+
+
+def test_a_default_upstream_may_be_a_configured_upstream_without_a_dot(tmp_path):
+    raw = {"upstreams": [{"name": "registry", "url": "https://registry.example"}], "default_upstream": "registry"}
+    assert load_raw(tmp_path, raw).default_upstream == "registry"
+
+
+@pytest.mark.parametrize("path", [("trusted_keys", 0), ("tls", "cert"), ("tls", "key"), ("auth", "htpasswd")],
+                         ids=dotted)
+def test_files_the_config_names_must_exist(tmp_path, full, path):
+    error = refused(tmp_path, full, path, str(tmp_path / "nope.pub"))
+    assert error.key == dotted(path) and "no such file" in error.message
+
+
+@pytest.mark.parametrize("text", ["", "\n\n", "# every key commented out\n# listen: 127.0.0.1:5000\n"])
+def test_an_empty_config_file_is_an_error(tmp_path, text):
+    path = tmp_path / "config.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="is empty") as caught:
+        load(path, {})
+    assert caught.value.key == str(path)

@@ -110,6 +110,42 @@ def test_rerun_keeps_the_ca_and_issues_a_new_server_certificate(tmp_path):
     verifier.verify(load(tmp_path / "server.crt"), [])
 
 
+def san(path: Path) -> list[str]:
+    """The names the certificate at ``path`` is valid for, in order."""
+    names = load(path).extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(name.value) for name in names]
+
+
+def test_hostname_and_ip_are_repeatable(tmp_path):
+    argv = ["tls", "init", "--dir", str(tmp_path), "--hostname", "a.example", "--hostname", "b.example",
+            "--ip", "10.0.0.5", "--ip", "10.0.0.6"]
+    assert cli.main(argv) == 0
+    assert san(tmp_path / "server.crt") == ["a.example", "b.example", "10.0.0.5", "10.0.0.6", "localhost",
+                                            "127.0.0.1", "::1"]
+
+
+def test_a_rerun_keeps_the_earlier_names_and_the_ca_unless_told_to_replace_them(tmp_path, capsys):
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", "a.example", "--ip", "10.0.0.5"]) == 0
+    ca = (tmp_path / "ca.crt").read_bytes()
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", "b.example"]) == 0
+    assert san(tmp_path / "server.crt") == ["b.example", "a.example", "10.0.0.5", "localhost", "127.0.0.1", "::1"]
+    assert "kept the earlier certificate's names" in capsys.readouterr().out
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--ip", "10.0.0.6"]) == 0  # names come from before
+    assert san(tmp_path / "server.crt")[:4] == ["b.example", "a.example", "10.0.0.5", "10.0.0.6"]
+    assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", "c.example", "--replace-names"]) == 0
+    assert san(tmp_path / "server.crt") == ["c.example", "localhost", "127.0.0.1", "::1"]
+    assert (tmp_path / "ca.crt").read_bytes() == ca
+    for name in ("c.example", "localhost"):
+        verifier = PolicyBuilder().store(Store([load(tmp_path / "ca.crt")])).build_server_verifier(x509.DNSName(name))
+        verifier.verify(load(tmp_path / "server.crt"), [])
+
+
+def test_a_new_certificate_needs_a_name(tmp_path, capsys):
+    assert cli.main(["tls", "init", "--dir", str(tmp_path)]) == 2
+    assert "--hostname" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []  # not even a CA
+
+
 def test_bad_arguments_are_named(tmp_path, capsys):
     assert cli.main(["tls", "init", "--dir", str(tmp_path), "--hostname", HOSTNAME, "--ip", "not-an-ip"]) == 2
     assert "--ip" in capsys.readouterr().err

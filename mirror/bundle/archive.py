@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import re
 import tarfile
 import uuid
 from collections.abc import Iterator, Sequence
@@ -224,16 +225,32 @@ class _BoundedReader(io.BufferedReader):
 
 
 def resolve_parts(paths: Sequence[str | Path]) -> list[Path]:
-    """The files making up a bundle: as given, or ``OUT.tar.000``... when only ``OUT.tar`` is named."""
+    """The files of a bundle: as given, or ``OUT.tar.000``... for ``OUT.tar``; BundleInvalid naming a missing part."""
     found = [Path(path) for path in paths]
     if len(found) == 1 and not found[0].exists() and part_name(found[0], 0).exists():
-        found = []
-        while part_name(Path(paths[0]), len(found)).exists():
-            found.append(part_name(Path(paths[0]), len(found)))
+        base = found[0]
+        parts = {index: path for path in base.parent.iterdir() if (index := _part_index(path, base)) is not None}
+        found = [parts[index] for index in sorted(parts)]
+    if len(found) > 1:
+        base = found[0].parent / found[0].name.rpartition(".")[0]
+        indexes = {_part_index(path, base) for path in found}
+        if None not in indexes:  # parts of a split bundle: OUT.tar.000, OUT.tar.001, ...
+            first = min(set(range(len(found) + 1)) - indexes)  # the first part not given (after all: the next)
+            if part_name(base, first).exists():
+                raise BundleInvalid(f"part {part_name(base, first)} is not given (give every part, in order)")
+            if first < len(found):
+                raise BundleInvalid(f"part {part_name(base, first)} is missing (give every part, in order)")
     for path in found:
         if not path.is_file():
             raise BundleInvalid(f"{path}: no such file")
     return found
+
+
+def _part_index(path: Path, base: Path) -> int | None:
+    """The index of ``path`` as a part of the split bundle ``base`` (``OUT.tar.001`` of ``OUT.tar``: 1), or None."""
+    prefix, _, index = path.name.rpartition(".")
+    number = int(index) if prefix == base.name and re.fullmatch(r"[0-9]+", index) else None
+    return number if number is not None and path == part_name(base, number) else None
 
 
 class BundleArchive:
