@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import threading
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any
 
 import httpx
 import pytest
@@ -16,6 +13,7 @@ from mirror.digest import Digest
 from mirror.errors import UpstreamUnavailable
 from mirror.fetch import FetchFollower
 from tests.peers import MirrorProcess
+from tests.scripted import Answer, ScriptedUpstream, http
 
 GOOD = bytes(range(256)) * 4096  # 1 MiB
 BAD = bytes(reversed(GOOD))
@@ -49,43 +47,16 @@ def test_a_follower_of_a_failed_fetch_does_not_complete_when_another_fetch_commi
     assert store.blobs.read(digest) == GOOD
 
 
-class CorruptUpstream:
-    """A loopback registry that answers every blob GET with the wrong bytes for ``DIGEST``, slowly enough that a
-    client's range is answered before the fetch ends."""
-
-    def __init__(self) -> None:
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    @staticmethod
-    def _handler() -> type[BaseHTTPRequestHandler]:
-        class Handler(BaseHTTPRequestHandler):
-            protocol_version = "HTTP/1.1"
-
-            def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
-                body = BAD if "/blobs/" in self.path else b"{}"
-                self.send_response(200 if self.path == "/v2/" or "/blobs/" in self.path else 404)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                for offset in range(0, len(body), 64 << 10):
-                    self.wfile.write(body[offset:offset + (64 << 10)])
-                    self.wfile.flush()
-                    threading.Event().wait(0.02)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        return Handler
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+def corrupt(method: str, path: str, headers: dict[str, str]) -> Answer:
+    """A registry that sends the wrong bytes for every blob, slowly enough (2 MiB/s) that a client's range is
+    answered before the fetch ends."""
+    if "/blobs/" in path:
+        return Answer(http(200, length=len(BAD)), BAD, 2 << 20)
+    return Answer(http(200 if path == "/v2/" else 404, b"{}"))
 
 
 def test_a_range_of_an_uncached_blob_that_fails_to_verify_is_never_a_clean_206(tmp_path):
-    upstream = CorruptUpstream()
+    upstream = ScriptedUpstream(corrupt)
     config = {"upstreams": [{"name": "corrupt.example", "url": upstream.url}], "default_upstream": None}
     try:
         with MirrorProcess(tmp_path / "mirror", config) as server:

@@ -8,15 +8,13 @@ in-process tests fail any attempt to connect elsewhere (the ``connections`` fixt
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import ipaddress
 import json
 import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +31,7 @@ from mirror.upstream.destinations import DestinationRefused, Destinations, addre
 from mirror.upstream.transport import ADMIT, MIN_RATE, Deadlines, Urllib3Transport
 from tests.images import canonical_json
 from tests.peers import MirrorProcess
+from tests.scripted import Answer, Script, ScriptedUpstream, http, manifest_answer
 
 TIMEOUT = 2.0  # the upstreams' timeout: answers within 6 s, blob bodies at 16 KiB/s after 2 s
 MANIFEST = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layers": [],
@@ -41,84 +40,6 @@ MANIFEST = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "layer
 BLOB = Digest.of(b"never sent whole")
 DEEP = b"[" * 100_000 + b"]" * 100_000
 REALM_CHALLENGE = 'Bearer realm="http://169.254.169.254/latest/meta-data/token",service="hostile"'
-
-
-@dataclass(frozen=True)
-class Answer:
-    """What an upstream sends for one request: ``fast`` at once, then ``slow`` at ``rate`` bytes a second."""
-
-    fast: bytes
-    slow: bytes = b""
-    rate: float = 1.0
-
-
-def http(status: int, body: bytes = b"", headers: Mapping[str, str] | None = None, *,
-         length: int | None = None) -> bytes:
-    """A raw HTTP/1.1 response announcing ``length`` bytes (default: the body's) and carrying ``body``."""
-    fields = {"Content-Length": str(len(body) if length is None else length), **(headers or {})}
-    head = "".join(f"{name}: {value}\r\n" for name, value in fields.items())
-    return f"HTTP/1.1 {status} Scripted\r\n{head}\r\n".encode() + body
-
-
-def manifest_answer(body: bytes) -> bytes:
-    """A 200 answer carrying manifest ``body``."""
-    return http(200, body, {"Content-Type": OCI_MANIFEST, "Docker-Content-Digest": str(Digest.of(body))})
-
-
-Script = Callable[[str, str, dict[str, str]], Answer]
-
-
-class HostileUpstream:
-    """A loopback HTTP server (HTTPS with ``wrap``) answering each request with ``script(method, path, headers)``;
-    it records the requests and stops trickling when closed."""
-
-    def __init__(self, script: Script, wrap: ssl.SSLContext | None = None):
-        self.requests: list[tuple[str, str, dict[str, str]]] = []
-        self._script, self._wrap = script, wrap
-        self._stopped = threading.Event()
-        self._connections: list[socket.socket] = []
-        self._listener = socket.create_server(("127.0.0.1", 0))
-        self.url = f"{'https' if wrap else 'http'}://127.0.0.1:{self._listener.getsockname()[1]}"
-        threading.Thread(target=self._accept, daemon=True).start()
-
-    def _accept(self) -> None:
-        with contextlib.suppress(OSError):
-            while True:
-                connection, _ = self._listener.accept()
-                self._connections.append(connection)
-                threading.Thread(target=self._serve, args=(connection,), daemon=True).start()
-
-    def _serve(self, connection: socket.socket) -> None:
-        pending = b""
-        with connection, contextlib.suppress(OSError):
-            if self._wrap is not None:
-                connection = self._wrap.wrap_socket(connection, server_side=True)
-            while not self._stopped.is_set():
-                while b"\r\n\r\n" not in pending:
-                    received = connection.recv(65536)
-                    if not received:
-                        return
-                    pending += received
-                head, _, pending = pending.partition(b"\r\n\r\n")
-                request_line, *lines = head.decode("latin-1").split("\r\n")
-                method, path, _ = request_line.split(" ", 2)
-                headers = {name.strip().lower(): value.strip() for name, _, value in (x.partition(":") for x in lines)}
-                self.requests.append((method, path, headers))
-                answer = self._script(method, path, headers)
-                connection.sendall(answer.fast)
-                piece = max(1, int(answer.rate / 10))
-                for start in range(0, len(answer.slow), piece):
-                    if self._stopped.wait(piece / answer.rate):
-                        return
-                    connection.sendall(answer.slow[start:start + piece])
-
-    def close(self) -> None:
-        """Stop listening and trickling, and drop every connection."""
-        self._stopped.set()
-        for sock in (self._listener, *self._connections):
-            with contextlib.suppress(OSError):
-                sock.shutdown(socket.SHUT_RDWR)
-            sock.close()
 
 
 def hostile_script(method: str, path: str, headers: dict[str, str]) -> Answer:
@@ -155,11 +76,11 @@ def deep_token_answer(url: str, path: str) -> Answer:
 
 
 @pytest.fixture
-def upstreams() -> Iterator[Callable[..., HostileUpstream]]:
+def upstreams() -> Iterator[Callable[..., ScriptedUpstream]]:
     """Start hostile upstreams; all are closed after the test."""
-    started: list[HostileUpstream] = []
-    def start(script: Script, wrap: ssl.SSLContext | None = None) -> HostileUpstream:
-        started.append(HostileUpstream(script, wrap))
+    started: list[ScriptedUpstream] = []
+    def start(script: Script, wrap: ssl.SSLContext | None = None) -> ScriptedUpstream:
+        started.append(ScriptedUpstream(script, wrap))
         return started[-1]
     yield start
     for upstream in started:
@@ -167,7 +88,7 @@ def upstreams() -> Iterator[Callable[..., HostileUpstream]]:
 
 
 @pytest.fixture
-def mirror(upstreams, tmp_path: Path) -> Iterator[tuple[MirrorProcess, httpx.Client, HostileUpstream]]:
+def mirror(upstreams, tmp_path: Path) -> Iterator[tuple[MirrorProcess, httpx.Client, ScriptedUpstream]]:
     """``mirror serve`` in front of ``hostile.example``, and a client of it."""
     upstream = upstreams(hostile_script)
     config = {"upstreams": [{"name": "hostile.example", "url": upstream.url, "timeout": "2s"}],
@@ -191,7 +112,7 @@ def connections(monkeypatch) -> list[str]:
     return seen
 
 
-def run_client(upstream: HostileUpstream, action: Callable[[UpstreamClient], Any], **extra: Any) -> Any:
+def run_client(upstream: ScriptedUpstream, action: Callable[[UpstreamClient], Any], **extra: Any) -> Any:
     """Run ``action`` on an in-process client of ``upstream`` (``timeout`` 2 s) and close the client."""
     async def main() -> Any:
         client = UpstreamClient(Upstream("hostile.example", upstream.url, timeout=TIMEOUT, **extra))

@@ -9,10 +9,8 @@ import json
 import re
 import secrets
 import sys
-import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +30,7 @@ from tests.images import (
     random_layer,
 )
 from tests.peers import REPO_ROOT, DistributionRegistry, MirrorProcess, TokenServer, require, run, wait_until
+from tests.scripted import Answer, ScriptedUpstream, http, manifest_answer
 
 HUB_USER, HUB_PASSWORD = "hubuser", "hub-secret"
 PASSWORDS = {"alice": "alice-secret", "bob": "bob-secret"}
@@ -427,62 +426,31 @@ def test_a_hosted_repository_exports_and_imports_into_a_hosted_mirror(mirror, tm
         pull(client, "team/app", "1", image)
 
 
-class LyingUpstream:
-    """A loopback registry whose ``lure:1`` manifest lists ``digest`` that it does not have (every blob is 404);
-    it records the requests it gets."""
-
-    def __init__(self, digest: str):
-        config = Blob("application/vnd.oci.image.config.v1+json", b"{}")
-        layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": digest, "size": 1}
-        self.manifest = canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST,
-                                        "config": config.descriptor(), "layers": [layer]})
-        self.requests: list[tuple[str, str]] = []
-        self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
-        self.url = f"http://127.0.0.1:{self._server.server_address[1]}"
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
-
-    def _handler(self) -> type[BaseHTTPRequestHandler]:
-        upstream = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_GET(self) -> None:  # noqa: N802 (the http.server naming)
-                upstream.requests.append((self.command, self.path))
-                found = self.path in ("/v2/", "/v2/lure/manifests/1")
-                body = upstream.manifest if self.path.endswith("/manifests/1") else b"{}"
-                self.send_response(200 if found else 404)
-                self.send_header("Content-Type", OCI_MANIFEST if self.path.endswith("/1") else "application/json")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                if self.command == "GET":
-                    self.wfile.write(body)
-
-            do_HEAD = do_GET  # noqa: N815
-
-            def log_message(self, format: str, *args: Any) -> None:
-                pass
-
-        return Handler
-
-    def close(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
+def lure(private: str) -> bytes:
+    """An upstream manifest listing ``private``, a digest the upstream does not have."""
+    config = Blob("application/vnd.oci.image.config.v1+json", b"{}")
+    layer = {"mediaType": "application/vnd.oci.image.layer.v1.tar", "digest": private, "size": 1}
+    return canonical_json({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": config.descriptor(),
+                           "layers": [layer]})
 
 
 def test_an_upstream_manifest_naming_a_private_digest_does_not_unlock_it(tmp_path):
     image = build_image("repository-model-private")
     private = image.layers[0].digest
-    upstream = LyingUpstream(private)
+    manifest = lure(private)
+    upstream = ScriptedUpstream(lambda method, path, headers: Answer(
+        manifest_answer(manifest) if path == "/v2/lure/manifests/1" else http(200 if path == "/v2/" else 404)))
     config = {"upstreams": [{"name": "lying.example", "url": upstream.url}], "default_upstream": None}
     try:
         with MirrorProcess(tmp_path / "mirror", config) as server, \
                 httpx.Client(base_url=server.url, timeout=30) as client:
             push(server.url, "secret/app", "1", image)
-            assert client.get("/v2/lying.example/lure/manifests/1").content == upstream.manifest
+            assert client.get("/v2/lying.example/lure/manifests/1").content == manifest
             for method in ("GET", "HEAD"):
                 response = client.request(method, f"/v2/lying.example/lure/blobs/{private}")
                 assert response.status_code == 404, (method, response.status_code, response.text[:200])
-            assert ("HEAD", f"/v2/lure/blobs/{private}") in upstream.requests  # it asked, and was told no
+            asked = [(method, path) for method, path, _ in upstream.requests]
+            assert ("HEAD", f"/v2/lure/blobs/{private}") in asked  # it asked, and was told no
             pull(client, "secret/app", "1", image)  # the owner's repository still serves it
     finally:
         upstream.close()
