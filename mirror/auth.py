@@ -1,4 +1,4 @@
-"""Who may do what: htpasswd users, access rules, and the bearer tokens of the docker login flow.
+"""Who may do what: htpasswd and directory (LDAP) users, access rules, and the bearer tokens of the docker login flow.
 
 Handlers hand over the ``Authorization`` header, the method and the repository name; they get back the Caller,
 or an Unauthorized (log in first: 401) or Denied (an authenticated user who may not: 403). No decision looks at
@@ -23,6 +23,12 @@ the default executor (blob commits, ``/readyz``), nor queue work without bound; 
 full is refused at once (TooManyRequests: 429). Credentials verified in the last ``REMEMBER_SECONDS`` are
 remembered (a keyed hash, never the password), so clients sending Basic on every request pay bcrypt about once
 a minute and skip the queue; wrong passwords are never remembered.
+
+With ``auth.ldap`` (``directory.py``) users missing from the htpasswd file (which is then optional; a user in it
+is decided by it alone) log in with their directory password, checked the same way: on the password threads,
+remembered with the user's directory groups, which access rules name like configured groups. A directory that
+cannot answer makes a login fail with DirectoryUnavailable (503); tokens carry the groups and are verified
+locally, so tokens already issued keep working.
 """
 from __future__ import annotations
 
@@ -52,6 +58,7 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from mirror import config
+from mirror.directory import Directory
 from mirror.errors import ConfigError, Denied, NameInvalid, StorageError, TooManyRequests, Unauthorized
 from mirror.storage import Store
 from mirror.storage.paths import check_name
@@ -85,15 +92,45 @@ class Target(Protocol):
 Resolve = Callable[[str, str | None], Target]
 
 
+class Verified:
+    """Credentials verified in the last ``REMEMBER_SECONDS`` (a keyed hash, never the password) and their groups."""
+
+    def __init__(self) -> None:
+        self._secret = secrets.token_bytes(32)
+        # fingerprint of user and password -> until when, and the groups found
+        self._verified: OrderedDict[bytes, tuple[float, frozenset[str]]] = OrderedDict()
+        self._lock = threading.Lock()  # checks run on the password threads, ``recall`` on the event loop
+
+    def recall(self, user: str, password: str) -> frozenset[str] | None:
+        """The groups ``user`` had when ``password`` was verified lately, or None (not verified, or too long ago)."""
+        fingerprint = self._fingerprint(user, password)
+        with self._lock:
+            until, groups = self._verified.get(fingerprint, (0.0, None))
+            if groups is not None and until <= time.monotonic():
+                del self._verified[fingerprint]
+                groups = None
+        return groups
+
+    def keep(self, user: str, password: str, groups: frozenset[str]) -> None:
+        """Remember that ``password`` of ``user`` was verified just now, with ``groups``."""
+        fingerprint = self._fingerprint(user, password)
+        with self._lock:
+            self._verified[fingerprint] = (time.monotonic() + REMEMBER_SECONDS, groups)
+            self._verified.move_to_end(fingerprint)
+            while len(self._verified) > REMEMBERED:
+                self._verified.popitem(last=False)
+
+    def _fingerprint(self, user: str, password: str) -> bytes:
+        return hmac.new(self._secret, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+
 class Htpasswd:
     """The users of an htpasswd file of bcrypt entries (as ``htpasswd -B`` writes them), and password checks."""
 
     def __init__(self, entries: Mapping[str, bytes]):
         self._entries = dict(entries)
         self._decoy = next(iter(self._entries.values()), None)
-        self._secret = secrets.token_bytes(32)
-        self._verified: OrderedDict[bytes, float] = OrderedDict()  # fingerprint of user and password -> until when
-        self._lock = threading.Lock()  # checks run on the password threads, ``remembered`` on the event loop
+        self._verified = Verified()
 
     @classmethod
     def load(cls, path: Path) -> Htpasswd:
@@ -119,13 +156,7 @@ class Htpasswd:
 
     def remembered(self, user: str, password: str) -> bool:
         """Whether ``password`` of ``user`` was verified in the last ``REMEMBER_SECONDS`` (no bcrypt: fast)."""
-        fingerprint = self._fingerprint(user, password)
-        with self._lock:
-            until = self._verified.get(fingerprint)
-            if until is not None and until <= time.monotonic():
-                del self._verified[fingerprint]
-                until = None
-        return until is not None
+        return self._verified.recall(user, password) is not None
 
     def check(self, user: str, password: str) -> bool:
         """Whether ``password`` is the password of ``user`` (unknown users take as long as known ones)."""
@@ -139,23 +170,42 @@ class Htpasswd:
         except ValueError:  # a damaged entry matches no password
             valid = False
         if valid:
-            fingerprint = self._fingerprint(user, password)
-            with self._lock:
-                self._verified[fingerprint] = time.monotonic() + REMEMBER_SECONDS
-                self._verified.move_to_end(fingerprint)
-                while len(self._verified) > REMEMBERED:
-                    self._verified.popitem(last=False)
+            self._verified.keep(user, password, frozenset())
         return valid
 
-    def _fingerprint(self, user: str, password: str) -> bytes:
-        return hmac.new(self._secret, f"{user}\0{password}".encode(), hashlib.sha256).digest()
+
+class Accounts:
+    """Who can log in: the htpasswd users, decided by the file, then the directory's users (if one is set)."""
+
+    def __init__(self, htpasswd: Htpasswd, directory: Directory | None = None):
+        self.htpasswd, self.directory = htpasswd, directory
+        self._verified = Verified()
+
+    def __contains__(self, user: object) -> bool:
+        return user in self.htpasswd
+
+    def remembered(self, user: str, password: str) -> bool:
+        """Whether the credentials were verified lately, so checking them again costs nothing."""
+        return self.htpasswd.remembered(user, password) or self._verified.recall(user, password) is not None
+
+    def check(self, user: str, password: str) -> frozenset[str] | None:
+        """The directory groups of ``user`` (none for htpasswd users) if ``password`` is theirs, else None; raise
+        DirectoryUnavailable when the directory cannot say."""
+        if user in self.htpasswd or self.directory is None:
+            return frozenset() if self.htpasswd.check(user, password) else None
+        groups = self._verified.recall(user, password)
+        if groups is None:
+            groups = self.directory.check(user, password)
+            if groups is not None:
+                self._verified.keep(user, password, groups)
+        return groups
 
 
 class PasswordChecks:
     """Runs what checks Basic credentials on a few threads of its own, with a bounded queue, unless they were
     verified lately (see the module's docstring)."""
 
-    def __init__(self, users: Htpasswd, threads: int = PASSWORD_THREADS, waiting: int = PASSWORDS_WAITING):
+    def __init__(self, users: Accounts, threads: int = PASSWORD_THREADS, waiting: int = PASSWORDS_WAITING):
         self.users = users
         self.limit, self.pending = threads + waiting, 0
         self._threads = ThreadPoolExecutor(threads, thread_name_prefix="mirror-passwords")
@@ -200,10 +250,13 @@ class Scope:
 
 @dataclass(frozen=True)
 class Caller:
-    """Who is asking: a user (None: anonymous) and, when a bearer token was shown, the access it carries."""
+    """Who is asking: a user (None: anonymous), their directory groups, whether the directory vouched for them
+    (not the htpasswd file), and, when a bearer token was shown, the access it carries."""
 
     user: str | None
     granted: tuple[Scope, ...] | None = None
+    groups: frozenset[str] = frozenset()
+    directory: bool = False
 
     def token_allows(self, name: str, action: str) -> bool:
         """Whether the token (if any) grants ``action`` on repository ``name``."""
@@ -219,17 +272,17 @@ class Rules:
         self.rules = (*settings.access, config.AccessRule("*", default_readers, (ANY_USER,)))
         self.groups = settings.groups
 
-    def actions(self, user: str | None, repository: str) -> frozenset[str]:
-        """What ``user`` (None: anonymous) may do to ``repository``."""
+    def actions(self, user: str | None, repository: str, groups: frozenset[str] = frozenset()) -> frozenset[str]:
+        """What ``user`` (None: anonymous), a member of directory ``groups``, may do to ``repository``."""
         rule = next(rule for rule in self.rules if fnmatch.fnmatchcase(repository, rule.repository))
-        if any(self._names(user, principal) for principal in rule.write):
+        if any(self._names(user, groups, principal) for principal in rule.write):
             return WRITE
-        return READ if any(self._names(user, principal) for principal in rule.read) else frozenset()
+        return READ if any(self._names(user, groups, principal) for principal in rule.read) else frozenset()
 
-    def _names(self, user: str | None, principal: str) -> bool:
+    def _names(self, user: str | None, groups: frozenset[str], principal: str) -> bool:
         if user is None:
             return principal == ANONYMOUS
-        return principal in (ANY_USER, user) or user in self.groups.get(principal, ())
+        return principal in (ANY_USER, user) or principal in groups or user in self.groups.get(principal, ())
 
 
 class Tokens:
@@ -239,11 +292,15 @@ class Tokens:
         self.key, self.service, self.ttl = key, service, int(ttl)
         self._header = _b64(json.dumps({"typ": "JWT", "alg": "EdDSA"}).encode())
 
-    def issue(self, user: str | None, access: Iterable[Scope]) -> tuple[str, int]:
-        """A token for ``user`` granting ``access``, and the time it was issued."""
+    def issue(self, user: str | None, access: Iterable[Scope], groups: Iterable[str] = (),
+              directory: bool = False) -> tuple[str, int]:
+        """A token for ``user`` granting ``access`` (and naming their directory ``groups``), and the time it was
+        issued."""
         now = int(time.time())
         claims = {"iss": self.service, "aud": self.service, "sub": user or "", "iat": now, "nbf": now,
                   "exp": now + self.ttl, "jti": uuid.uuid4().hex, "access": [scope.claim() for scope in access]}
+        if directory:
+            claims |= {"dir": True, "groups": sorted(groups)}
         signing_input = f"{self._header}.{_b64(json.dumps(claims, separators=(',', ':')).encode())}"
         return f"{signing_input}.{_b64(self.key.sign(signing_input.encode()))}", now
 
@@ -262,7 +319,8 @@ class Tokens:
                 raise ValueError("not for us, or not valid now")
             granted = tuple(Scope(entry["type"], entry["name"], frozenset(entry["actions"]))
                             for entry in claims["access"])
-            return Caller(claims["sub"] or None, granted)
+            groups = frozenset(str(group) for group in claims.get("groups", ()))
+            return Caller(claims["sub"] or None, granted, groups, claims.get("dir") is True)
         except (ValueError, KeyError, TypeError, AttributeError, InvalidSignature, binascii.Error) as exc:
             raise Unauthorized("invalid or expired token") from exc
 
@@ -270,7 +328,7 @@ class Tokens:
 class Auth:
     """The gatekeeper: identifies callers, decides what each may do to which repository, and issues tokens."""
 
-    def __init__(self, settings: config.Auth, users: Htpasswd, tokens: Tokens, resolve: Resolve):
+    def __init__(self, settings: config.Auth, users: Accounts, tokens: Tokens, resolve: Resolve):
         self.settings = settings
         self.users = users
         self.passwords = PasswordChecks(users)
@@ -280,12 +338,14 @@ class Auth:
 
     @classmethod
     def from_config(cls, settings: config.Auth, store: Store, resolve: Resolve) -> Auth:
-        """Load the htpasswd file and the signing key kept in ``store`` (generated on first start).
+        """Load the htpasswd file (if any), and the signing key kept in ``store`` (generated on first start).
 
         ``resolve(name, ns)`` is the repository a request name means (token scopes name repositories).
         """
         tokens = Tokens(signing_key(store), settings.service, settings.token_ttl)
-        return cls(settings, Htpasswd.load(settings.htpasswd), tokens, resolve)
+        htpasswd = Htpasswd.load(settings.htpasswd) if settings.htpasswd is not None else Htpasswd({})
+        users = Accounts(htpasswd, Directory(settings.ldap) if settings.ldap is not None else None)
+        return cls(settings, users, tokens, resolve)
 
     # who is asking
     def identify(self, authorization: str | None) -> Caller:
@@ -293,7 +353,7 @@ class Auth:
         scheme, _, credentials = (authorization or "").partition(" ")
         if scheme.lower() == "bearer":
             caller = self.tokens.verify(credentials.strip())
-            if caller.user is not None and caller.user not in self.users:
+            if caller.user is not None and not caller.directory and caller.user not in self.users:
                 raise Unauthorized("the token's user is no longer known")
             return caller
         return self.login(authorization)
@@ -308,21 +368,23 @@ class Auth:
         if credentials is None:
             raise Unauthorized("malformed Basic credentials")
         user, password = credentials
-        if not self.users.check(user, password):
+        groups = self.users.check(user, password)
+        if groups is None:
             raise Unauthorized("invalid username or password")
-        return Caller(user)
+        return Caller(user, groups=groups, directory=user not in self.users)
 
     # what they may do
-    def allowed(self, user: str | None, target: Target) -> frozenset[str]:
-        """The actions ``user`` may take on ``target``: writes where they land, pulls where they may be served."""
-        own = self.rules.actions(user, target.write_name)
-        readable = all(PULL in self.rules.actions(user, store) for store in target.access_names)
+    def allowed(self, user: str | None, target: Target, groups: frozenset[str] = frozenset()) -> frozenset[str]:
+        """The actions ``user`` (in directory ``groups``) may take on ``target``: writes where they land, pulls
+        where they may be served."""
+        own = self.rules.actions(user, target.write_name, groups)
+        readable = all(PULL in self.rules.actions(user, store, groups) for store in target.access_names)
         return (own - READ) | (READ if readable else frozenset())
 
     def may_read(self, caller: Caller, target: Target | str) -> bool:
         """Whether ``caller`` may pull from ``target`` (a repository, or a store repository's name)."""
         names = (target,) if isinstance(target, str) else target.access_names
-        return all(PULL in self.rules.actions(caller.user, name) for name in names)
+        return all(PULL in self.rules.actions(caller.user, name, caller.groups) for name in names)
 
     def authorize(self, authorization: str | None, method: str, name: str | None,
                   target: Target | None) -> Caller:
@@ -338,7 +400,7 @@ class Auth:
                 raise Unauthorized("authentication required")
             return caller
         action = METHOD_ACTIONS.get(method, PUSH)
-        if action not in self.allowed(caller.user, target):
+        if action not in self.allowed(caller.user, target, caller.groups):
             if caller.user is None:
                 raise Unauthorized("authentication required", detail=_access_detail(name, action))
             raise Denied("requested access to the resource is denied", detail=_access_detail(name, action))
@@ -350,7 +412,7 @@ class Auth:
     def token(self, caller: Caller, scopes: Iterable[str]) -> dict[str, Any]:
         """The token endpoint's answer: a token granting ``caller`` what the rules allow of ``scopes``."""
         granted = [scope for text in scopes for part in text.split() if (scope := self._grant(caller, part))]
-        token, issued = self.tokens.issue(caller.user, granted)
+        token, issued = self.tokens.issue(caller.user, granted, caller.groups, caller.directory)
         issued_at = datetime.datetime.fromtimestamp(issued, datetime.UTC).isoformat().replace("+00:00", "Z")
         return {"token": token, "access_token": token, "expires_in": self.tokens.ttl, "issued_at": issued_at}
 
@@ -363,7 +425,7 @@ class Auth:
         if scope.type != "repository":
             return None
         try:
-            allowed = self.allowed(caller.user, self.resolve(scope.name, None))
+            allowed = self.allowed(caller.user, self.resolve(scope.name, None), caller.groups)
         except NameInvalid:
             return None
         wanted = WRITE if "*" in scope.actions else scope.actions

@@ -19,7 +19,8 @@
     │   ├── Unsupported              operation is not offered (e.g. pushing into a mirror)
     │   ├── Unauthorized             caller must authenticate
     │   ├── Denied                   caller may not do this
-    │   └── TooManyRequests          too much work is waiting already: retry shortly
+    │   ├── TooManyRequests          too much work is waiting already: retry shortly
+    │   └── DirectoryUnavailable     the LDAP directory that checks passwords is down or too slow
     ├── StorageError                 the store cannot do what was asked
     │   └── StoreFull                no space left on the device
     ├── UpstreamError                an upstream registry failed us
@@ -160,3 +161,7 @@ class SignatureInvalid(BundleError):
 
 class TooManyRequests(RegistryError):
     """Too much work of this kind is waiting already: the caller should retry shortly."""
+
+
+class DirectoryUnavailable(RegistryError):
+    """The LDAP directory that checks passwords is down or did not answer in time."""

@@ -24,6 +24,7 @@ CODES: dict[type[errors.MirrorError], tuple[str, int]] = {
     errors.Unauthorized: ("UNAUTHORIZED", 401),
     errors.Denied: ("DENIED", 403),
     errors.TooManyRequests: ("TOOMANYREQUESTS", 429),
+    errors.DirectoryUnavailable: ("UNAVAILABLE", 503),
     errors.StoreFull: ("UNKNOWN", 507),
     errors.StorageError: ("UNKNOWN", 500),
     errors.UpstreamUnavailable: ("UNAVAILABLE", 503),
