@@ -94,6 +94,28 @@ def _prefetch(args: argparse.Namespace) -> int:
     return 1 if prefetch.run(_config(args), texts, report) else 0
 
 
+def _verify_signatures(args: argparse.Namespace) -> int:
+    from mirror import signatures
+
+    config = _config(args)
+    result = signatures.run(config, args.image)
+    print(f"{result.image}: {result.repository}@{result.digest}")
+    for found in result.signatures:
+        verdict = f"verified, signed by {found.key}" if found.key else f"not valid: {found.problem}"
+        print(f"{found.format} signature {found.source}: {verdict}")
+    if not result.signatures:
+        print("no signatures found")
+    decision = result.decision
+    rule = f"rule {decision.rule!r}" if decision.rule else "no rule (nothing required)"
+    if decision.allowed:
+        signed = f": signed by {', '.join(decision.by)}" if decision.by else ""
+        print(f"allowed by {rule}{signed} (signatures.mode: {config.signatures.mode})")
+        return 0
+    print(f"refused by {rule}: missing a valid signature by {' or '.join(decision.missing)} "
+          f"(signatures.mode: {config.signatures.mode})")
+    return 1
+
+
 def _gc(args: argparse.Namespace) -> int:
     from mirror import gc
 
@@ -205,6 +227,11 @@ def build_parser() -> argparse.ArgumentParser:
     prefetch.add_argument("--list", metavar="FILE", help="a file with one image reference a line, besides IMAGEs")
     prefetch.add_argument("images", nargs="*", metavar="IMAGE",
                           help="an image reference, resolved as the server resolves names (alpine, ghcr.io/org/app:1)")
+
+    verify_signatures = command("verify", _verify_signatures, "check an image's signatures (cosign and Sigstore "
+                                "bundles) against the config's signatures policy; exit 1 when it refuses the image")
+    verify_signatures.add_argument("image", metavar="IMAGE", help="an image reference, resolved as the server "
+                                                                  "resolves names (alpine:3.20, team/app@sha256:...)")
 
     gc = command("gc", _gc, "remove unreferenced blobs, expired uploads and abandoned import staging")
     gc.add_argument("--dry-run", action="store_true", help="report what would be freed, change nothing")

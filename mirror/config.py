@@ -4,7 +4,7 @@ The YAML file's keys map one to one onto these dataclasses; every error names th
 must have its key's YAML type: a boolean is ``true`` or ``false`` (never the string ``"false"``), a number is
 never a boolean, a path or name is a string.
 Without a file the embedded defaults serve on 0.0.0.0:5000 from ``./mirror-data`` with docker.io upstream; an
-empty file is an error. Files the config names (keys, certificates, htpasswd) must exist when it is loaded.
+empty file is an error. Files the config names (keys, certificates, htpasswd, LDAP CA) must exist when it is loaded.
 """
 from __future__ import annotations
 
@@ -38,6 +38,7 @@ ENV_OVERRIDES = {
     "MIRROR_LOG_FORMAT": "log_format",
 }
 LOG_FORMATS = ("auto", "text", "json")  # auto: text when stderr is a terminal, else JSON
+SIGNATURE_MODES = ("enforce", "warn", "off")
 
 # The actions a notification endpoint can subscribe to.
 EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
@@ -133,16 +134,59 @@ class AccessRule:
 
 
 @dataclass(frozen=True)
-class Auth:
-    """Who may use the registry: htpasswd users, their groups, access rules, and the bearer token service."""
+class Ldap:
+    """An LDAP or Active Directory server whose users log in with their directory password."""
 
-    htpasswd: Path
+    url: str
+    user_base: str
+    group_base: str
+    start_tls: bool = False
+    ca_file: Path | None = None
+    bind_dn: str | None = None
+    bind_password: str | None = None
+    user_filter: str = "(uid={username})"
+    group_filter: str = "(member={dn})"
+    group_attribute: str = "cn"
+    timeout: float = 5.0
+
+
+@dataclass(frozen=True)
+class Auth:
+    """Who may use the registry: htpasswd and directory users, their groups, access rules, and the token service."""
+
+    htpasswd: Path | None = None
+    ldap: Ldap | None = None
     realm: str | None = None
     service: str = "mirror"
     token_ttl: float = 300.0
     anonymous_pull: bool = False
     groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     access: tuple[AccessRule, ...] = ()
+
+
+@dataclass(frozen=True)
+class SignatureKey:
+    """A public key (PEM: ECDSA P-256, Ed25519 or RSA) that image signatures are verified with, by name."""
+
+    name: str
+    public_key: Path
+
+
+@dataclass(frozen=True)
+class SignatureRule:
+    """The keys one of which must have signed the images of repositories matching ``repository`` (a glob)."""
+
+    repository: str
+    require: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Signatures:
+    """The image signature policy: its mode, the keys it names and its rules (the first match wins)."""
+
+    mode: str = "off"
+    keys: tuple[SignatureKey, ...] = ()
+    rules: tuple[SignatureRule, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,6 +204,7 @@ class Config:
     source: str = "embedded defaults"
     notifications: tuple[Endpoint, ...] = ()
     log_format: str = "auto"
+    signatures: Signatures = field(default_factory=Signatures)
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -214,7 +259,7 @@ def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
 
 def _build(raw: dict[str, Any], source: str, environ: Mapping[str, str] | None = None) -> Config:
     _known_keys(raw, "", {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls",
-                          "auth", "notifications", "log_format", "proxy"})
+                          "auth", "notifications", "log_format", "proxy", "signatures"})
     listen = _listen(raw.get("listen", DEFAULT_LISTEN))
     storage = _storage(raw.get("storage"))
     proxy_for = _default_proxy(raw, environ or {})
@@ -244,7 +289,8 @@ def _build(raw: dict[str, Any], source: str, environ: Mapping[str, str] | None =
         raise ConfigError("log_format", f"{log_format!r:.40} is not one of {', '.join(LOG_FORMATS)}")
     return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")),
                   auth=_auth(raw.get("auth")), source=source,
-                  notifications=notifications, log_format=log_format)
+                  notifications=notifications, log_format=log_format,
+                  signatures=_signatures(raw.get("signatures")))
 
 
 def _default_upstream(value: Any, upstreams: list[str]) -> str | None:
@@ -337,9 +383,12 @@ def _auth(raw: Any) -> Auth | None:
     if raw is None:
         return None
     if not isinstance(raw, dict):
-        raise ConfigError("auth", "must be a mapping with at least htpasswd")
-    _known_keys(raw, "auth.", {"htpasswd", "realm", "service", "token_ttl", "anonymous_pull", "groups", "access"})
-    htpasswd = _file(raw.get("htpasswd"), "auth.htpasswd", "an htpasswd file")
+        raise ConfigError("auth", "must be a mapping with htpasswd, ldap or both")
+    _known_keys(raw, "auth.", {"htpasswd", "ldap", "realm", "service", "token_ttl", "anonymous_pull", "groups",
+                               "access"})
+    ldap = _ldap(raw.get("ldap"))
+    htpasswd = None if ldap is not None and raw.get("htpasswd") is None else _file(
+        raw.get("htpasswd"), "auth.htpasswd", "an htpasswd file")
     realm = raw.get("realm")
     if realm is not None and (urlsplit(_string(realm, "auth.realm", "a URL")).scheme not in ("http", "https")
                               or '"' in realm):
@@ -356,12 +405,102 @@ def _auth(raw: Any) -> Auth | None:
         raise ConfigError(f"auth.groups.{reserved}", "is a reserved name, not a group")
     return Auth(
         htpasswd=htpasswd,
+        ldap=ldap,
         realm=realm,
         service=service,
         token_ttl=_positive(parse_duration(raw.get("token_ttl", Auth.token_ttl), "auth.token_ttl"), "auth.token_ttl"),
         anonymous_pull=_boolean(raw.get("anonymous_pull", False), "auth.anonymous_pull"),
         groups={name: _principals(members, f"auth.groups.{name}") for name, members in groups.items()},
         access=tuple(_access_rule(index, rule) for index, rule in enumerate(_list(raw.get("access"), "auth.access"))),
+    )
+
+
+def _signatures(raw: Any) -> Signatures:
+    if raw is None:
+        return Signatures()
+    if not isinstance(raw, dict):
+        raise ConfigError("signatures", "must be a mapping with mode, keys and rules")
+    _known_keys(raw, "signatures.", {"mode", "keys", "rules"})
+    mode = _string(raw.get("mode", Signatures.mode), "signatures.mode", " or ".join(SIGNATURE_MODES))
+    if mode not in SIGNATURE_MODES:
+        raise ConfigError("signatures.mode", f"{mode!r:.40} is not one of {', '.join(SIGNATURE_MODES)}")
+    keys = tuple(_signature_key(index, entry) for index, entry in enumerate(_list(raw.get("keys"), "signatures.keys")))
+    names = {key.name for key in keys}
+    if len(names) != len(keys):
+        raise ConfigError("signatures.keys", "two keys have the same name")
+    rules = []
+    for index, entry in enumerate(_list(raw.get("rules"), "signatures.rules")):
+        key = f"signatures.rules[{index}]"
+        if not isinstance(entry, dict) or not isinstance(entry.get("repository"), str) or not entry["repository"]:
+            raise ConfigError(key, "must be a mapping with repository (a glob) and require (a list of key names)")
+        _known_keys(entry, f"{key}.", {"repository", "require"})
+        require = tuple(_list(entry.get("require"), f"{key}.require"))
+        if not all(isinstance(name, str) for name in require):
+            raise ConfigError(f"{key}.require", "must be a list of key names")
+        unknown = [name for name in require if name not in names]
+        if unknown:
+            raise ConfigError(f"{key}.require", f"{unknown[0]!r:.80} is not the name of a key in signatures.keys")
+        rules.append(SignatureRule(entry["repository"], require))
+    return Signatures(mode, keys, tuple(rules))
+
+
+def _signature_key(index: int, raw: Any) -> SignatureKey:
+    key = f"signatures.keys[{index}]"
+    if not isinstance(raw, dict):
+        raise ConfigError(key, "must be a mapping with name and public_key")
+    _known_keys(raw, f"{key}.", {"name", "public_key"})
+    name = _string(raw.get("name"), f"{key}.name", "a key name")
+    if not name:
+        raise ConfigError(f"{key}.name", "must not be empty")
+    return SignatureKey(name, _file(raw.get("public_key"), f"{key}.public_key", "a PEM public key"))
+
+
+def _ldap(raw: Any) -> Ldap | None:
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("auth.ldap", "must be a mapping with at least url, user_base and group_base")
+    _known_keys(raw, "auth.ldap.", {"url", "start_tls", "ca_file", "bind_dn", "bind_password", "user_base",
+                                    "user_filter", "group_base", "group_filter", "group_attribute", "timeout"})
+    url = _string(raw.get("url"), "auth.ldap.url", "an ldap:// or ldaps:// URL")
+    parts = urlsplit(url)
+    if parts.scheme not in ("ldap", "ldaps") or not parts.hostname or parts.path not in ("", "/") or parts.query:
+        raise ConfigError("auth.ldap.url", f"{url!r:.80} is not an ldap://HOST[:PORT] or ldaps://HOST[:PORT] URL")
+    start_tls = _boolean(raw.get("start_tls", False), "auth.ldap.start_tls")
+    if start_tls and parts.scheme == "ldaps":
+        raise ConfigError("auth.ldap.start_tls", "is for ldap:// URLs (ldaps:// is TLS already)")
+    bind_dn, bind_password = (None if raw.get(key) is None else _string(raw[key], f"auth.ldap.{key}")
+                              for key in ("bind_dn", "bind_password"))
+    if (bind_dn is None) != (bind_password is None) or bind_password == "":
+        raise ConfigError("auth.ldap.bind_password" if bind_dn else "auth.ldap.bind_dn",
+                          "bind_dn and a non-empty bind_password go together (neither: anonymous search)")
+    filters = {}
+    for key, placeholder in (("user_filter", "{username}"), ("group_filter", "{dn}")):
+        value = _string(raw.get(key, getattr(Ldap, key)), f"auth.ldap.{key}", "an LDAP filter")
+        try:
+            valid = value.startswith("(") and value.endswith(")") and placeholder in value and value.format(
+                **{placeholder.strip("{}"): "x"}) is not None
+        except (KeyError, IndexError, ValueError):
+            valid = False
+        if not valid:
+            raise ConfigError(f"auth.ldap.{key}", f"must be a parenthesised LDAP filter using {placeholder} "
+                              "(and no other {...})")
+        filters[key] = value
+    attribute = _string(raw.get("group_attribute", Ldap.group_attribute), "auth.ldap.group_attribute",
+                        "an attribute name")
+    if not re.fullmatch(r"[A-Za-z][A-Za-z0-9-]*", attribute):
+        raise ConfigError("auth.ldap.group_attribute", f"{attribute!r:.40} is not an attribute name such as cn")
+    return Ldap(
+        url=url,
+        user_base=_string(raw.get("user_base"), "auth.ldap.user_base", "a DN"),
+        group_base=_string(raw.get("group_base"), "auth.ldap.group_base", "a DN"),
+        start_tls=start_tls,
+        ca_file=None if raw.get("ca_file") is None else _ca_file(raw["ca_file"], "auth.ldap.ca_file"),
+        bind_dn=bind_dn,
+        bind_password=bind_password,
+        group_attribute=attribute,
+        timeout=_positive(parse_duration(raw.get("timeout", Ldap.timeout), "auth.ldap.timeout"), "auth.ldap.timeout"),
+        **filters,
     )
 
 
