@@ -119,6 +119,10 @@ class Denied(RegistryError):
     """Requested access to the resource is denied."""
 
 
+class SignatureRequired(Denied):
+    """The signature policy refuses an image: a rule requires a signature it lacks."""
+
+
 class StorageError(MirrorError):
     """The store cannot do what was asked."""
 

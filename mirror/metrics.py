@@ -103,6 +103,8 @@ class Metrics:
                                  **metric)
         self.dropped = Counter("mirror_notification_events_dropped", "Notification events dropped, oldest first, "
                                "from the full queue of an endpoint that is down", ["endpoint"], **metric)
+        self.signature_decisions = Counter("mirror_signature_decisions", "Manifest GETs the signature policy "
+                                           "checked, by decision (allowed, refused, warned)", ["decision"], **metric)
         self._dropped_counted: collections.Counter[str] = collections.Counter()  # of events.DROPPED, so far
         Gauge("mirror_build_info", "The appliance's version (the value is always 1)", ["version"],
               multiprocess_mode="max", **metric).labels(version()).set(1)

@@ -30,6 +30,7 @@ from mirror.fetch import Fetcher
 from mirror.metrics import Metrics, RequestLog, configure_logging, multiprocess_metrics, worker_ended
 from mirror.registry import Registry
 from mirror.repository import Repositories
+from mirror.signatures import Policy
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.server")
@@ -75,12 +76,13 @@ class Appliance:
     activity: Activity
     metrics: Metrics
     events: Events
+    policy: Policy
     auth: Auth | None = None
 
     def dependencies(self) -> dict[str, Any]:
         """What the request handlers are given."""
         return {"registry": self.registry, "repositories": self.repositories, "activity": self.activity,
-                "auth": self.auth, "metrics": self.metrics, "events": self.events}
+                "auth": self.auth, "metrics": self.metrics, "events": self.events, "policy": self.policy}
 
     async def close(self) -> None:
         """Release the upstream connections and the store (at once: fetches in flight fail)."""
@@ -92,7 +94,7 @@ class Appliance:
 
 
 def build(config: Config, activity: Activity | None = None, metrics: Metrics | None = None) -> Appliance:
-    """Open the store and wire the repositories and the upstream fetches for ``config``."""
+    """Open the store and wire the repositories, the upstream fetches and the signature policy for ``config``."""
     store = storage.open(config.storage.root)
     registry = Registry(store)
     metrics = metrics or Metrics(store)
@@ -101,7 +103,8 @@ def build(config: Config, activity: Activity | None = None, metrics: Metrics | N
     repositories = Repositories(config, registry, fetcher)
     auth = None if config.auth is None else Auth.from_config(config.auth, store, repositories.resolve)
     events = Events(config, store.queues)
-    return Appliance(config, registry, fetcher, repositories, activity or Activity(), metrics, events, auth)
+    policy = Policy(config.signatures, metrics)
+    return Appliance(config, registry, fetcher, repositories, activity or Activity(), metrics, events, policy, auth)
 
 
 def listen_sockets(config: Config) -> list[socket.socket]:

@@ -14,6 +14,9 @@ import binascii
 import fnmatch
 import functools
 import json
+import logging
+import re
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -24,8 +27,10 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, padding, rsa
 
 from mirror.config import Config, Signatures
 from mirror.digest import Digest
-from mirror.errors import ConfigError, MirrorError
+from mirror.errors import ConfigError, MirrorError, SignatureRequired
+from mirror.metrics import Metrics
 from mirror.reference import Reference
+from mirror.registry import StoredManifest
 from mirror.repository import Repository
 
 BUNDLE_TYPE = "application/vnd.dev.sigstore.bundle.v0.3+json"
@@ -37,6 +42,14 @@ COSIGN_TYPE = "cosign container image signature"
 IN_TOTO_TYPE = "application/vnd.in-toto+json"
 MAX_SIGNATURE_BYTES = 1 << 20  # a payload, bundle or signature manifest larger than this is not read
 MAX_SIGNATURES = 100  # signatures of one image examined at most
+SIMPLE_SIGNING = "application/vnd.dev.cosign.simplesigning.v1+json"
+# artifacts that sign or attest an image are served without a check: by artifactType, config or layer media type
+SIGNATURE_ARTIFACT_TYPES = frozenset({*BUNDLE_MEDIA_TYPES, SIMPLE_SIGNING, IN_TOTO_TYPE,
+                                      "application/vnd.dsse.envelope.v1+json"})
+SIGNATURE_TAG = re.compile(r"sha256-[0-9a-f]{64}(\.(sig|att|sbom))?")  # cosign's tags and the referrers tag schema
+DECISION_SECONDS = 60.0  # how long an image's allowed decision is reused
+MAX_DECISIONS = 10_000  # decisions kept at most, the oldest dropped first
+log = logging.getLogger("mirror.signatures")
 PublicKey = ec.EllipticCurvePublicKey | ed25519.Ed25519PublicKey | rsa.RSAPublicKey
 
 
@@ -158,6 +171,64 @@ def run(config: Config, text: str) -> Verification:
             await appliance.close_when_idle()
 
     return asyncio.run(verify())
+
+
+class Policy:
+    """The signature policy applied to manifest GETs: its mode, keys, and recent allowed decisions.
+
+    Only allowed decisions are reused (for DECISION_SECONDS): a refused image is checked again at its next GET, so
+    a signature pushed after a refusal takes effect at once.
+    """
+
+    def __init__(self, signatures: Signatures, metrics: Metrics) -> None:
+        self.signatures, self.metrics = signatures, metrics
+        self.keys = load_keys(signatures) if signatures.mode != "off" else []
+        self.allowed: dict[tuple[str, Digest], float] = {}  # (store repository, digest) -> when it expires
+
+    async def check(self, repository: Repository, reference: str, stored: StoredManifest) -> None:
+        """Raise SignatureRequired when mode is enforce and a rule refuses the image ``stored`` (got from
+        ``repository`` by ``reference``); in warn mode log and serve. Signature artifacts are not checked."""
+        if self.signatures.mode == "off" or SIGNATURE_TAG.fullmatch(reference) or _is_signature_artifact(stored.body):
+            return
+        store_name = stored.repository or repository.write_name
+        key = (store_name, stored.digest)
+        if self.allowed.get(key, 0.0) > time.monotonic():
+            self.metrics.signature_decisions.labels("allowed").inc()
+            return
+        found = await find_signatures(repository, stored.digest, stored.body, self.keys)
+        decision = decide(self.signatures, store_name, stored.digest, found)
+        if decision.allowed:
+            self.allowed.pop(key, None)
+            while len(self.allowed) >= MAX_DECISIONS:
+                del self.allowed[next(iter(self.allowed))]
+            self.allowed[key] = time.monotonic() + DECISION_SECONDS
+            self.metrics.signature_decisions.labels("allowed").inc()
+            return
+        message = (f"{store_name}@{stored.digest} is refused by signature rule {decision.rule!r}: missing a valid "
+                   f"signature by {' or '.join(decision.missing)}")
+        if self.signatures.mode == "warn":
+            log.warning("signature policy (warn): %s", message)
+            self.metrics.signature_decisions.labels("warned").inc()
+            return
+        log.warning("signature policy: %s", message)
+        self.metrics.signature_decisions.labels("refused").inc()
+        raise SignatureRequired(message, {"repository": store_name, "digest": str(stored.digest),
+                                          "rule": decision.rule, "missing": decision.missing})
+
+
+def _is_signature_artifact(body: bytes) -> bool:
+    """Whether the manifest ``body`` is a signature or attestation (by artifactType, config or layer types)."""
+    try:
+        manifest = json.loads(body)
+    except ValueError:
+        return False
+    if not isinstance(manifest, dict):
+        return False
+    config = manifest.get("config")
+    layers = [layer.get("mediaType") for layer in _list(manifest.get("layers")) if isinstance(layer, dict)]
+    return (manifest.get("artifactType") in SIGNATURE_ARTIFACT_TYPES
+            or (isinstance(config, dict) and config.get("mediaType") in SIGNATURE_ARTIFACT_TYPES)
+            or (bool(layers) and all(media_type in SIGNATURE_ARTIFACT_TYPES for media_type in layers)))
 
 
 def pae(payload_type: str, payload: bytes) -> bytes:

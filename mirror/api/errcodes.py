@@ -23,6 +23,7 @@ CODES: dict[type[errors.MirrorError], tuple[str, int]] = {
     errors.Unsupported: ("UNSUPPORTED", 405),
     errors.Unauthorized: ("UNAUTHORIZED", 401),
     errors.Denied: ("DENIED", 403),
+    errors.SignatureRequired: ("DENIED", 403),
     errors.TooManyRequests: ("TOOMANYREQUESTS", 429),
     errors.DirectoryUnavailable: ("UNAVAILABLE", 503),
     errors.StoreFull: ("UNKNOWN", 507),

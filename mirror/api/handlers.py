@@ -22,6 +22,7 @@ from mirror.fetch import HOSTED, BlobSource
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry, paginate
 from mirror.repository import DefaultRoute, Mirrored, Repositories, Repository
+from mirror.signatures import Policy
 from mirror.storage.filesystem import FileBlobWriter
 
 log = logging.getLogger("mirror.api")
@@ -42,9 +43,11 @@ class BaseHandler(tornado.web.RequestHandler):
     error_message: str | None = None  # why the request failed, for the access log
 
     def initialize(self, registry: Registry, repositories: Repositories, activity: Any = None,
-                   auth: Auth | None = None, events: Events | None = None, **_: Any) -> None:
+                   auth: Auth | None = None, events: Events | None = None, policy: Policy | None = None,
+                   **_: Any) -> None:
         """Receive the application's dependencies and count this request as in flight."""
         self.registry = registry
+        self.policy = policy
         self.repositories = repositories
         self.events = events
         self.auth = auth
@@ -486,6 +489,8 @@ class ManifestHandler(BaseHandler):
         manifest = await self.repository.manifest(reference)
         self.served(manifest.origin)
         if body:
+            if self.policy is not None:  # a GET must pass the signature policy; HEAD and pushes need not
+                await self.policy.check(self.repository, reference, manifest)
             self.notify("pull", manifest.repository, reference, manifest)
         self.set_header("Content-Type", manifest.media_type)
         self.set_header("Docker-Content-Digest", str(manifest.digest))

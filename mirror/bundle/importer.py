@@ -12,7 +12,8 @@ can see:
    needs, are not imported;
 3. everything publishing relies on is checked, for every image (``verify.Closure``, as ``mirror bundle verify``
    does); a bad blob or any such problem discards the staging store (the bundle can never import) and nothing
-   reaches the store;
+   reaches the store; with ``signatures.mode: enforce``, every image must then pass the signature policy with
+   the signatures the bundle carries (its ``.sig`` tags and referrers), or nothing is published;
 4. staged blobs are promoted into the store (on the local disk a rename: no copy);
 5. every image's manifests and blob links are written and pinned; then, last, every image's tags.
 
@@ -21,25 +22,28 @@ user's effective uid, gid and groups, so the service can read what the import wr
 """
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import json
 import os
 import pwd
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
-from mirror import storage
+from mirror import signatures, storage
 from mirror.bundle import format, signing, verify
 from mirror.bundle.archive import BundleArchive
 from mirror.bundle.format import BlobEntry, Bundle, ImageEntry
 from mirror.bundle.progress import Progress
 from mirror.config import Config
 from mirror.digest import Digest
-from mirror.errors import BundleError, BundleInvalid, DigestInvalid, MirrorError
+from mirror.errors import BundleError, BundleInvalid, DigestInvalid, MirrorError, SignatureRequired
 from mirror.events import Events
 from mirror.reference import Reference
-from mirror.registry import Registry
+from mirror.registry import Registry, StoredManifest
+from mirror.repository import Referrers
 from mirror.storage import BlobStore
 from mirror.storage.pins import Pins
 
@@ -111,12 +115,14 @@ class Importer:
         opened = opened or storage.open(root)
         key = self.bundle_id.hex[:32]
         staging = opened.imports.staging(key)
+        read = _reader(opened.blobs, staging)
         try:
             written, skipped = self._stage(archive, opened.blobs, staging)
-            closure = self._check(opened.blobs, staging)
+            closure = self._check(opened.blobs, staging, read)
         except BundleError:
             opened.imports.discard(key)
             raise
+        self._check_signatures(read)
         for blob in self.blobs:
             opened.imports.promote(staging, blob.digest)
         self._publish(Registry(opened), opened.pins, Events(self.config, opened.queues), closure)
@@ -141,24 +147,33 @@ class Importer:
                     written += 1
         return written, skipped
 
-    def _check(self, store: BlobStore, staging: BlobStore) -> verify.Closure:
+    def _check(self, store: BlobStore, staging: BlobStore, read: Callable[[Digest], bytes]) -> verify.Closure:
         """Every blob is here and every image publishes as it should (``verify.Closure``), or BundleInvalid."""
         missing = [blob for blob in self.blobs
                    if blob.size not in (store.stat(blob.digest), staging.stat(blob.digest))]
         if missing:
             raise BundleInvalid("missing members: " + ", ".join(
                 f"{format.blob_member(blob.digest)} (blob {blob.digest})" for blob in missing))
-
-        def read(digest: Digest) -> bytes:
-            for source in (staging, store):
-                if source.stat(digest) is not None:
-                    return source.read(digest)
-            raise BundleInvalid(f"manifest {digest} is in neither the bundle nor the store")
-
         closure = verify.Closure(self.bundle, read)
         if closure.problems:
             raise BundleInvalid("; ".join(closure.problems))
         return closure
+
+    def _check_signatures(self, read: Callable[[Digest], bytes]) -> None:
+        """With the signature policy enforced, raise SignatureRequired for the first image a rule refuses."""
+        policy = self.config.signatures
+        if policy.mode != "enforce":
+            return
+        keys = signatures.load_keys(policy)
+        for image in self.bundle.images:
+            name = Reference.parse(image.reference, None).store_name
+            found = asyncio.run(signatures.find_signatures(_Staged(image, read), image.digest, read(image.digest),
+                                                           keys))
+            decision = signatures.decide(policy, name, image.digest, found)
+            if not decision.allowed:
+                raise SignatureRequired(f"image {image.reference} ({image.digest}) is refused by signature rule "
+                                        f"{decision.rule!r}: missing a valid signature by "
+                                        + " or ".join(decision.missing))
 
     def _publish(self, registry: Registry, pins: Pins, events: Events, closure: verify.Closure) -> None:
         """Pin every image's digests, held by its tag (or its digest when imported without one), and store its
@@ -185,6 +200,52 @@ class Importer:
             registry.metadata.tag(name, ref.tag, image.digest)
         events.emit("import", name, ref.tag, registry.get_manifest(name, str(image.digest)))
         print(f"{image.reference}: {image.digest} published as {name}" + (f":{ref.tag}" if ref.tag else ""))
+
+
+def _reader(store: BlobStore, staging: BlobStore) -> Callable[[Digest], bytes]:
+    """Read a blob from the staging store, else the store; raise BundleInvalid when neither holds it."""
+    def read(digest: Digest) -> bytes:
+        for source in (staging, store):
+            if source.stat(digest) is not None:
+                return source.read(digest)
+        raise BundleInvalid(f"manifest {digest} is in neither the bundle nor the store")
+
+    return read
+
+
+class _Staged:
+    """One bundled image as the repository its signatures are found in: its referrers, their tags, staged blobs."""
+
+    def __init__(self, image: ImageEntry, read: Callable[[Digest], bytes]) -> None:
+        self.image, self.read = image, read
+        self.tags = {referrer.tag: referrer.digest for referrer in image.referrers if referrer.tag}
+
+    async def manifest(self, reference: str) -> StoredManifest:
+        digest = self.tags.get(reference) or Digest.parse(reference)  # a tag the bundle lacks: DigestInvalid
+        body = self.read(digest)
+        return StoredManifest(digest, str(json.loads(body).get("mediaType", "")), body)
+
+    async def blob(self, digest: Digest) -> _Bytes:
+        return _Bytes(self.read(digest))
+
+    async def referrers(self, subject: Digest) -> Referrers:
+        descriptors = []
+        for referrer in self.image.referrers:
+            manifest = json.loads(self.read(referrer.digest))
+            if (manifest.get("subject") or {}).get("digest") == str(subject):
+                descriptors.append({"mediaType": referrer.media_type, "digest": str(referrer.digest),
+                                    "artifactType": manifest.get("artifactType")})
+        return Referrers.listed(descriptors)
+
+
+class _Bytes:
+    """A staged blob read whole, as the signature checks read blobs."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data, self.size = data, len(data)
+
+    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        yield self.data[start:end]
 
 
 def _stage_blob(archive: BundleArchive, staging: BlobStore, blob: BlobEntry, file: BinaryIO,
