@@ -41,7 +41,7 @@ LOG_FORMATS = ("auto", "text", "json")  # auto: text when stderr is a terminal, 
 SIGNATURE_MODES = ("enforce", "warn", "off")
 
 # The actions a notification endpoint can subscribe to.
-EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import"})
+EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import", "deny"})
 MAX_QUEUED = 10**7  # notifications[].max_queued at most (the store's capacity bounds the queues too)
 
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9.-]+(:\d+)?")

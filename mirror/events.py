@@ -6,8 +6,9 @@
 
 is sent with Content-Type ``application/vnd.docker.distribution.events.v1+json``, so receivers written for the
 Distribution registry work unchanged. Actions: ``push`` (a manifest PUT), ``pull`` (a manifest GET; HEAD is
-not a pull), ``delete`` (a manifest, tag or blob DELETE) and ``import`` (an image published by ``mirror bundle
-import``, an action of this appliance's own).
+not a pull), ``delete`` (a manifest, tag or blob DELETE), ``import`` (an image published by ``mirror bundle
+import``, an action of this appliance's own) and ``deny`` (a manifest GET the signature policy refuses, or in
+warn mode would refuse; the event adds ``"policy": {"mode", "rule", "missing"}``, also this appliance's own).
 
 Delivery is durable and at least once. Every event is first appended to the store's durable queue of each
 endpoint it is for (``storage/queue.py``, named by the endpoint's URL), so any process can append: the server
@@ -85,13 +86,16 @@ class Events:
         self._dropping: set[Endpoint] = set()  # endpoints whose full queue was logged, until a delivery
 
     def emit(self, action: str, repository: str, reference: str | None = None, content: Content | None = None,
-             request: Request | None = None, actor: str | None = None) -> None:
-        """Queue an ``action`` event on ``repository`` (``reference``: the tag or digest the client named) for
-        every endpoint subscribed to it. A queue that cannot be written is logged; the request still succeeds."""
+             request: Request | None = None, actor: str | None = None, policy: dict[str, Any] | None = None) -> None:
+        """Queue an ``action`` event on ``repository`` (``reference``: the tag or digest the client named;
+        ``policy``: a signature decision's mode, rule and missing keys) for every endpoint subscribed to it. A queue
+        that cannot be written is logged; the request still succeeds."""
         endpoints = [endpoint for endpoint in self.endpoints if action in endpoint.events]
         if not endpoints:
             return
         event = self._event(action, repository, reference, content, request, actor)
+        if policy is not None:
+            event["policy"] = policy
         for endpoint in endpoints:
             try:
                 share = self.queues.capacity() * QUEUE_SHARE / len(self.endpoints)

@@ -185,16 +185,17 @@ class Policy:
         self.keys = load_keys(signatures) if signatures.mode != "off" else []
         self.allowed: dict[tuple[str, Digest], float] = {}  # (store repository, digest) -> when it expires
 
-    async def check(self, repository: Repository, reference: str, stored: StoredManifest) -> None:
-        """Raise SignatureRequired when mode is enforce and a rule refuses the image ``stored`` (got from
-        ``repository`` by ``reference``); in warn mode log and serve. Signature artifacts are not checked."""
+    async def check(self, repository: Repository, reference: str, stored: StoredManifest) -> dict[str, Any] | None:
+        """Raise SignatureRequired (its detail: mode, rule and missing keys) when mode is enforce and a rule refuses
+        the image ``stored`` (got from ``repository`` by ``reference``); in warn mode log, and return that detail
+        to serve it with. None when allowed. Signature artifacts are not checked."""
         if self.signatures.mode == "off" or SIGNATURE_TAG.fullmatch(reference) or _is_signature_artifact(stored.body):
-            return
+            return None
         store_name = stored.repository or repository.write_name
         key = (store_name, stored.digest)
         if self.allowed.get(key, 0.0) > time.monotonic():
             self.metrics.signature_decisions.labels("allowed").inc()
-            return
+            return None
         found = await find_signatures(repository, stored.digest, stored.body, self.keys)
         decision = decide(self.signatures, store_name, stored.digest, found)
         if decision.allowed:
@@ -203,17 +204,17 @@ class Policy:
                 del self.allowed[next(iter(self.allowed))]
             self.allowed[key] = time.monotonic() + DECISION_SECONDS
             self.metrics.signature_decisions.labels("allowed").inc()
-            return
+            return None
         message = (f"{store_name}@{stored.digest} is refused by signature rule {decision.rule!r}: missing a valid "
                    f"signature by {' or '.join(decision.missing)}")
+        detail = {"mode": self.signatures.mode, "rule": decision.rule, "missing": decision.missing}
         if self.signatures.mode == "warn":
             log.warning("signature policy (warn): %s", message)
             self.metrics.signature_decisions.labels("warned").inc()
-            return
+            return detail
         log.warning("signature policy: %s", message)
         self.metrics.signature_decisions.labels("refused").inc()
-        raise SignatureRequired(message, {"repository": store_name, "digest": str(stored.digest),
-                                          "rule": decision.rule, "missing": decision.missing})
+        raise SignatureRequired(message, {"repository": store_name, "digest": str(stored.digest), **detail})
 
 
 def _is_signature_artifact(body: bytes) -> bool:

@@ -14,9 +14,17 @@ from cryptography.hazmat.primitives import serialization
 
 from mirror import storage
 from mirror.registry import Registry
-from tests.images import Image, build_image, push
-from tests.peers import REPO_ROOT, DistributionRegistry, MirrorProcess
-from tests.test_signatures import dsse_bundle, keys, push_bundle, push_cosign  # noqa: F401 (keys: a fixture)
+from tests.images import Image, build_image, canonical_json, push
+from tests.peers import REPO_ROOT, DistributionRegistry, MirrorProcess, wait_until
+from tests.test_events import Receiver
+from tests.test_signatures import (  # noqa: F401 (keys and sigstore_js: fixtures)
+    dsse_bundle,
+    keys,
+    push_bundle,
+    push_cosign,
+    sigstore_js,
+    sigstore_js_bundle,
+)
 
 RULE = "docker.io/library/*"
 
@@ -137,12 +145,47 @@ def test_hosted_push_is_accepted_and_served_once_signed(mirror, keys):  # noqa: 
     assert httpx.get(f"{mirror.url}/v2/team/app/manifests/v1", timeout=30).status_code == 200
 
 
+def deny_events(receiver: Receiver, count: int) -> list[dict[str, Any]]:
+    """The ``deny`` events ``receiver`` got, once it got ``count`` of them."""
+    wait_until(lambda: receiver.actions().count("deny") >= count, 60, f"{count} deny events")
+    return [event for event in receiver.events if event["action"] == "deny"]
+
+
+def test_a_refusal_is_a_deny_event(tmp_path, images, keys):  # noqa: F811
+    upstream, built = images
+    receiver = Receiver()
+    receiver.start()
+    config = {**mirror_config(upstream, policy(tmp_path, keys, "enforce", "release")),
+              "notifications": [{"url": receiver.url, "events": ["deny"]}]}
+    try:
+        with MirrorProcess(tmp_path / "mirror", config) as m:
+            assert httpx.get(f"{m.url}/v2/library/signed/manifests/1", timeout=60).status_code == 200
+            assert_refused(httpx.get(f"{m.url}/v2/library/unsigned/manifests/1", timeout=60))
+            [event] = deny_events(receiver, 1)
+    finally:
+        receiver.stop()
+    assert event["target"]["repository"] == "docker.io/library/unsigned"
+    assert event["target"]["digest"] == built["unsigned"].digest and event["target"]["tag"] == "1"
+    assert event["policy"] == {"mode": "enforce", "rule": RULE, "missing": ["release"]}
+    assert event["request"]["method"] == "GET"
+
+
 def test_warn_mode_serves_and_a_reload_to_another_key_refuses(tmp_path, images, keys):  # noqa: F811
-    upstream, _ = images
-    with MirrorProcess(tmp_path / "mirror", mirror_config(upstream, policy(tmp_path, keys, "warn", "release"))) as m:
+    upstream, built = images
+    receiver = Receiver()
+    receiver.start()
+    config = {**mirror_config(upstream, policy(tmp_path, keys, "warn", "release")),
+              "notifications": [{"url": receiver.url, "events": ["deny"]}]}
+    with MirrorProcess(tmp_path / "mirror", config) as m:
         assert httpx.get(f"{m.url}/v2/library/unsigned/manifests/1", timeout=60).status_code == 200
         assert decisions(m, "warned") == 1
         assert "signature policy (warn)" in m.log()
+        try:
+            [warned] = deny_events(receiver, 1)
+        finally:
+            receiver.stop()
+        assert warned["target"]["digest"] == built["unsigned"].digest
+        assert warned["policy"] == {"mode": "warn", "rule": RULE, "missing": ["release"]}
         assert httpx.get(f"{m.url}/v2/library/signed/manifests/1", timeout=60).status_code == 200
         m.write_config(mirror_config(upstream, policy(tmp_path, keys, "enforce", "stranger")))
         reloads = m.log().count("reloaded config")
@@ -185,3 +228,48 @@ def test_bundle_import_verifies_each_image_before_publishing(tmp_path, keys):  #
     registry = Registry(storage.open(root))
     assert registry.get_manifest("team/signed", "v1").digest.hex == signed.digest.removeprefix("sha256:")
     assert registry.metadata.tags("team/unsigned") == []
+
+
+def test_an_exported_upstream_image_brings_its_tag_schema_bundle(tmp_path, images, keys):  # noqa: F811
+    upstream, built = images
+    config = tmp_path / "export.yaml"
+    config.write_text(yaml.safe_dump({**mirror_config(upstream, {}), "storage": {"root": str(tmp_path / "none")}}))
+    bundle = tmp_path / "bundled.tar"
+    exported = mirror_command("bundle", "export", "--config", config, "--output", bundle, "library/bundled:1")
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    assert "(1 image, 2 referrers)" in exported.stdout  # the tag schema index and the bundle it lists
+    target = {"upstreams": [], "signatures": policy(tmp_path, keys, "enforce", "release")}
+    with MirrorProcess(tmp_path / "target", target) as m:
+        imported = mirror_command("bundle", "import", "--config", m.config_path, bundle)
+        assert imported.returncode == 0, imported.stdout + imported.stderr
+        response = httpx.get(f"{m.url}/v2/docker.io/library/bundled/manifests/1", timeout=60)
+        assert response.status_code == 200, response.text
+        assert response.headers["Docker-Content-Digest"] == built["bundled"].digest
+        assert decisions(m, "allowed") == 1
+
+
+def test_images_signed_by_sigstore_js_are_served_and_unsigned_refused(tmp_path, keys, sigstore_js,  # noqa: F811
+                                                                      dockerd):
+    with DistributionRegistry(tmp_path / "upstream") as upstream:
+        signed, unsigned, hosted = (build_image(f"sigstore-js-{name}", layers=1, layer_size=1024, oci=True)
+                                    for name in ("signed", "unsigned", "hosted"))
+        push(upstream.url, "library/js-signed", "1", signed)
+        push(upstream.url, "library/js-unsigned", "1", unsigned)
+        message = sigstore_js_bundle(sigstore_js, keys["release"], signed.manifest.data, dsse=False)
+        push_bundle(upstream, "library/js-signed", signed, message, tag_schema=True)
+        config = mirror_config(upstream, policy(tmp_path, keys, "enforce", "release"))
+        with MirrorProcess(tmp_path / "mirror", config) as m:
+            push(m.url, "team/js-hosted", "v1", hosted)
+            subject = {"name": "team/js-hosted", "digest": {"sha256": hosted.digest[7:]}}
+            statement = canonical_json({"_type": "https://in-toto.io/Statement/v1", "subject": [subject],
+                                        "predicateType": "https://example.test/attested", "predicate": {}})
+            push_bundle(m, "team/js-hosted", hosted, sigstore_js_bundle(sigstore_js, keys["release"], statement,
+                                                                        dsse=True))
+            response = httpx.get(f"{m.url}/v2/team/js-hosted/manifests/v1", timeout=60)
+            assert response.status_code == 200, response.text
+            assert_refused(httpx.get(f"{m.url}/v2/library/js-unsigned/manifests/1", timeout=60))
+            assert blob_gets(upstream, unsigned) == 0
+            dockerd.configure({"registry-mirrors": [m.url]})
+            dockerd.docker("pull", "js-signed:1")
+            assert blob_gets(upstream, signed) >= len(signed.blobs)
+            assert "GET /v2/library/js-signed/blobs/" in m.log()

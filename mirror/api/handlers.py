@@ -20,7 +20,7 @@ from mirror.digest import Digest
 from mirror.events import Content, Events
 from mirror.fetch import HOSTED, BlobSource
 from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
-from mirror.registry import Page, Registry, paginate
+from mirror.registry import Page, Registry, StoredManifest, paginate
 from mirror.repository import DefaultRoute, Mirrored, Repositories, Repository
 from mirror.signatures import Policy
 from mirror.storage.filesystem import FileBlobWriter
@@ -158,10 +158,12 @@ class BaseHandler(tornado.web.RequestHandler):
         if isinstance(chunk, bytes):
             self.bytes_sent += len(chunk)
 
-    def notify(self, action: str, name: str, reference: str, content: Content | None = None) -> None:
-        """Queue the ``action`` event of this request for the notification endpoints."""
+    def notify(self, action: str, name: str, reference: str, content: Content | None = None,
+               policy: dict[str, Any] | None = None) -> None:
+        """Queue the ``action`` event of this request (``policy``: a signature decision) for the notification
+        endpoints."""
         if self.events is not None:
-            self.events.emit(action, name, reference, content, self.request, self.current_user)
+            self.events.emit(action, name, reference, content, self.request, self.current_user, policy)
 
     def write_json(self, document: Any, content_type: str = "application/json") -> None:
         """Finish with a JSON document."""
@@ -490,13 +492,24 @@ class ManifestHandler(BaseHandler):
         self.served(manifest.origin)
         if body:
             if self.policy is not None:  # a GET must pass the signature policy; HEAD and pushes need not
-                await self.policy.check(self.repository, reference, manifest)
+                await self._check(reference, manifest)
             self.notify("pull", manifest.repository, reference, manifest)
         self.set_header("Content-Type", manifest.media_type)
         self.set_header("Docker-Content-Digest", str(manifest.digest))
         self.set_header("ETag", f'"{manifest.digest}"')
         self.set_header("Content-Length", str(len(manifest.body)))
         self.finish(manifest.body if body else None)
+
+    async def _check(self, reference: str, manifest: StoredManifest) -> None:
+        """Apply the signature policy; a refusal or a warning is also a ``deny`` event."""
+        try:
+            warning = await self.policy.check(self.repository, reference, manifest)
+        except errors.SignatureRequired as exc:
+            decision = {key: exc.detail[key] for key in ("mode", "rule", "missing")}
+            self.notify("deny", manifest.repository, reference, manifest, policy=decision)
+            raise
+        if warning is not None:
+            self.notify("deny", manifest.repository, reference, manifest, policy=warning)
 
     async def put(self, name: str, reference: str) -> None:
         """Store a manifest under a tag or its digest."""

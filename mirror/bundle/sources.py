@@ -21,7 +21,8 @@ from mirror.registry import Registry
 from mirror.upstream import UpstreamClient
 
 CHUNK = 1 << 20
-COSIGN_SUFFIXES = (".sig", ".att", ".sbom")
+# tags holding an image's signatures: cosign's, and (no suffix) the referrers tag schema's index of its referrers
+SIGNATURE_TAG_SUFFIXES = ("", ".sig", ".att", ".sbom")
 
 
 class Sources:
@@ -85,18 +86,25 @@ class Sources:
                 yield chunk
 
     async def referrers(self, ref: Reference, subject: Digest) -> list[tuple[str | None, Digest]]:
-        """(cosign tag or None, digest) of each manifest referring to ``subject``: cosign-style tags and,
-        from the store, the referrers API's records."""
+        """(tag or None, digest) of each manifest referring to ``subject``, once each: cosign-style tags and the
+        referrers tag schema index, then the upstream's referrers (its API or that index) and the store's."""
         found: list[tuple[str | None, Digest]] = []
-        for suffix in COSIGN_SUFFIXES:
+        for suffix in SIGNATURE_TAG_SUFFIXES:
             tag = f"{subject.algorithm}-{subject.hex}{suffix}"
             with contextlib.suppress(ManifestUnknown):
                 found.append((tag, (await self.manifest(ref, tag))[2]))
+        listed: list[dict] = []
+        client = self._client(ref)
+        if client is not None:
+            with contextlib.suppress(MirrorError):
+                listed += await client.referrers(ref.repository, subject)
         if self._store is not None:
             with contextlib.suppress(MirrorError):
-                known = {digest for _, digest in found}
-                found += [(None, d) for d in (Digest.parse(m["digest"]) for m in self._store.referrers(
-                    ref.store_name, subject)) if d not in known]
+                listed += self._store.referrers(ref.store_name, subject)
+        known = {digest for _, digest in found}
+        for digest in dict.fromkeys(Digest.parse(descriptor["digest"]) for descriptor in listed):
+            if digest not in known:
+                found.append((None, digest))
         return found
 
     async def close(self) -> None:
