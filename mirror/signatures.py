@@ -185,6 +185,13 @@ class Policy:
         self.keys = load_keys(signatures) if signatures.mode != "off" else []
         self.allowed: dict[tuple[str, Digest], float] = {}  # (store repository, digest) -> when it expires
 
+    def _remember(self, key: tuple[str, Digest]) -> None:
+        """Keep an allowed decision for ``DECISION_SECONDS``, the oldest forgotten beyond ``MAX_DECISIONS``."""
+        self.allowed.pop(key, None)
+        while len(self.allowed) >= MAX_DECISIONS:
+            del self.allowed[next(iter(self.allowed))]
+        self.allowed[key] = time.monotonic() + DECISION_SECONDS
+
     async def check(self, repository: Repository, reference: str, stored: StoredManifest) -> dict[str, Any] | None:
         """Raise SignatureRequired (its detail: mode, rule and missing keys) when mode is enforce and a rule refuses
         the image ``stored`` (got from ``repository`` by ``reference``); in warn mode log, and return that detail
@@ -199,10 +206,9 @@ class Policy:
         found = await find_signatures(repository, stored.digest, stored.body, self.keys)
         decision = decide(self.signatures, store_name, stored.digest, found)
         if decision.allowed:
-            self.allowed.pop(key, None)
-            while len(self.allowed) >= MAX_DECISIONS:
-                del self.allowed[next(iter(self.allowed))]
-            self.allowed[key] = time.monotonic() + DECISION_SECONDS
+            # a signed index admits the manifests it lists: clients fetch the index, then its children by digest
+            for digest in (stored.digest, *_children(stored.body)):
+                self._remember((store_name, digest))
             self.metrics.signature_decisions.labels("allowed").inc()
             return None
         message = (f"{store_name}@{stored.digest} is refused by signature rule {decision.rule!r}: missing a valid "
@@ -215,6 +221,17 @@ class Policy:
         log.warning("signature policy: %s", message)
         self.metrics.signature_decisions.labels("refused").inc()
         raise SignatureRequired(message, {"repository": store_name, "digest": str(stored.digest), **detail})
+
+
+def _children(body: bytes) -> list[Digest]:
+    """The digests of the manifests an index ``body`` lists (none for an image manifest)."""
+    try:
+        document = json.loads(body)
+    except ValueError:
+        return []
+    entries = document.get("manifests") if isinstance(document, dict) else None
+    return [Digest.parse(entry["digest"]) for entry in _list(entries)
+            if isinstance(entry, dict) and Digest.is_digest(str(entry.get("digest", "")))]
 
 
 def _is_signature_artifact(body: bytes) -> bool:

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import serialization
 
 from mirror import storage
 from mirror.registry import Registry
-from tests.images import Image, build_image, canonical_json, push
+from tests.images import Image, build_image, build_index, canonical_json, push
 from tests.peers import REPO_ROOT, DistributionRegistry, MirrorProcess, wait_until
 from tests.test_events import Receiver
 from tests.test_signatures import (  # noqa: F401 (keys and sigstore_js: fixtures)
@@ -273,3 +273,16 @@ def test_images_signed_by_sigstore_js_are_served_and_unsigned_refused(tmp_path, 
             dockerd.docker("pull", "js-signed:1")
             assert blob_gets(upstream, signed) >= len(signed.blobs)
             assert "GET /v2/library/js-signed/blobs/" in m.log()
+
+
+def test_a_signed_index_admits_the_platform_manifests_it_lists(mirror, keys):  # noqa: F811
+    index = build_index("policy-multi-arch")
+    push(mirror.url, "team/multi", "v1", index)
+    child = index.images[0].digest
+    assert_refused(httpx.get(f"{mirror.url}/v2/team/multi/manifests/{child}", timeout=30))  # nothing signed yet
+    push_cosign(mirror, "team/multi", index, keys["release"])  # only the index is signed
+    with httpx.Client(base_url=mirror.url, timeout=30) as client:
+        assert client.get("/v2/team/multi/manifests/v1", headers={"Accept": index.manifest.media_type}).status_code \
+            == 200
+        for image in index.images:  # as a client pulls it: the index first, then its children by digest
+            assert client.get(f"/v2/team/multi/manifests/{image.digest}").status_code == 200
