@@ -47,6 +47,8 @@ from mirror.manifest import OCI_INDEX
 from mirror.reference import RequestName, resolve_name, store_prefix
 from mirror.registry import Registry, StoredManifest
 from mirror.storage.filesystem import FileBlobWriter
+from mirror.storage.paths import TAG_PATTERN
+from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.repository")
 PAGE_REFERRERS = 1000  # descriptors in one page of a referrers listing at most
@@ -243,7 +245,7 @@ class Mirrored:
         self._pushes = Hosted(registry, self.name) if upstream.allow_push else None
 
     @property
-    def client(self) -> Any:
+    def client(self) -> UpstreamClient:
         """The upstream's client."""
         return self.fetcher.client(self.upstream)
 
@@ -565,6 +567,4 @@ class Repositories:
 
 
 def _valid_tag(tag: str) -> bool:
-    from mirror.storage.paths import TAG_PATTERN
-
     return TAG_PATTERN.fullmatch(tag) is not None
