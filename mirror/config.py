@@ -36,6 +36,14 @@ ENV_OVERRIDES = {
     "MIRROR_TLS_CERT": "tls.cert",
     "MIRROR_TLS_KEY": "tls.key",
     "MIRROR_LOG_FORMAT": "log_format",
+    "MIRROR_STORAGE_S3_ENDPOINT": "storage.s3.endpoint",  # any MIRROR_STORAGE_S3_* makes storage.s3 exist
+    "MIRROR_STORAGE_S3_BUCKET": "storage.s3.bucket",
+    "MIRROR_STORAGE_S3_REGION": "storage.s3.region",
+    "MIRROR_STORAGE_S3_ACCESS_KEY": "storage.s3.access_key",
+    "MIRROR_STORAGE_S3_SECRET_KEY": "storage.s3.secret_key",
+    "MIRROR_STORAGE_S3_PREFIX": "storage.s3.prefix",
+    "MIRROR_REDIS": "redis",
+    "MIRROR_SECRET": "secret",
 }
 LOG_FORMATS = ("auto", "text", "json")  # auto: text when stderr is a terminal, else JSON
 SIGNATURE_MODES = ("enforce", "warn", "off")
@@ -45,6 +53,10 @@ EVENT_ACTIONS = frozenset({"push", "pull", "delete", "import", "deny"})
 MAX_QUEUED = 10**7  # notifications[].max_queued at most (the store's capacity bounds the queues too)
 
 REGISTRY_NAME = re.compile(r"[A-Za-z0-9.-]+(:\d+)?")
+S3_BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")  # S3's bucket naming rules, 3 to 63 characters
+S3_REGION = re.compile(r"[A-Za-z0-9._-]+")  # part of a SigV4 credential scope: no "/" or spaces
+S3_PREFIX = re.compile(r"[A-Za-z0-9!_.*'()/-]*")  # S3's safe object key characters
+MIN_SECRET_LENGTH = 16
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]+)?)\s*([kmgtp]i?)?b?", re.IGNORECASE)
 _SIZE_UNITS = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15,
                "ki": 2**10, "mi": 2**20, "gi": 2**30, "ti": 2**40, "pi": 2**50}
@@ -86,7 +98,7 @@ class Upstream:
     name: str
     url: str
     username: str | None = None
-    password: str | None = None
+    password: str | None = field(default=None, repr=False)
     manifest_ttl: float = 300.0
     allow_push: bool = False
     timeout: float = 10.0
@@ -96,13 +108,27 @@ class Upstream:
 
 
 @dataclass(frozen=True)
+class S3Storage:
+    """An S3-compatible bucket (Ceph RGW, AWS S3, SeaweedFS, MinIO...) that holds the store instead of the disk."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str = field(repr=False)
+    region: str = "us-east-1"
+    prefix: str = ""  # "" or ending with "/": where the store's keys start inside the bucket
+    redirect: bool = False  # answer blob GETs with presigned URLs (307) instead of streaming the bytes
+
+
+@dataclass(frozen=True)
 class Storage:
     """Where content lives and how much pull-through may keep."""
 
-    root: Path = Path(DEFAULT_ROOT)
+    root: Path = Path(DEFAULT_ROOT)  # with s3: local scratch space only
     max_cache_size: int | None = None
     upload_expiry: float = 24 * 3600.0
     gc_grace: float = 3600.0
+    s3: S3Storage | None = None
 
 
 @dataclass(frozen=True)
@@ -143,7 +169,7 @@ class Ldap:
     start_tls: bool = False
     ca_file: Path | None = None
     bind_dn: str | None = None
-    bind_password: str | None = None
+    bind_password: str | None = field(default=None, repr=False)
     user_filter: str = "(uid={username})"
     group_filter: str = "(member={dn})"
     group_attribute: str = "cn"
@@ -205,6 +231,8 @@ class Config:
     notifications: tuple[Endpoint, ...] = ()
     log_format: str = "auto"
     signatures: Signatures = field(default_factory=Signatures)
+    redis: str | None = field(default=None, repr=False)  # coordination of instances sharing a store
+    secret: str | None = field(default=None, repr=False)  # shared by every instance: signs upload state and tokens
 
     @property
     def host_port(self) -> tuple[str, int]:
@@ -251,15 +279,21 @@ def _read(path: Path) -> dict[str, Any]:
 
 
 def _set_path(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    """Set the key ``dotted`` (``storage.s3.bucket``) of ``raw``, creating absent or empty (null) sections; a
+    section that is there but not a mapping is left as it is, for ``_build`` to refuse by its name."""
     *parents, leaf = dotted.split(".")
     for part in parents:
-        raw = raw.setdefault(part, {}) if isinstance(raw.get(part, {}), dict) else raw
+        if raw.get(part) is None:
+            raw[part] = {}
+        elif not isinstance(raw[part], dict):
+            return
+        raw = raw[part]
     raw[leaf] = value
 
 
 def _build(raw: dict[str, Any], source: str, environ: Mapping[str, str] | None = None) -> Config:
     _known_keys(raw, "", {"listen", "storage", "upstreams", "default_upstream", "workers", "trusted_keys", "tls",
-                          "auth", "notifications", "log_format", "proxy", "signatures"})
+                          "auth", "notifications", "log_format", "proxy", "signatures", "redis", "secret"})
     listen = _listen(raw.get("listen", DEFAULT_LISTEN))
     storage = _storage(raw.get("storage"))
     proxy_for = _default_proxy(raw, environ or {})
@@ -290,7 +324,8 @@ def _build(raw: dict[str, Any], source: str, environ: Mapping[str, str] | None =
     return Config(listen, storage, upstreams, default, workers, trusted_keys, _tls(raw.get("tls")),
                   auth=_auth(raw.get("auth")), source=source,
                   notifications=notifications, log_format=log_format,
-                  signatures=_signatures(raw.get("signatures")))
+                  signatures=_signatures(raw.get("signatures")),
+                  redis=_redis(raw.get("redis")), secret=_secret(raw.get("secret")))
 
 
 def _default_upstream(value: Any, upstreams: list[str]) -> str | None:
@@ -358,7 +393,7 @@ def _storage(raw: Any) -> Storage:
         return Storage()
     if not isinstance(raw, dict):
         raise ConfigError("storage", "must be a mapping")
-    _known_keys(raw, "storage.", {"root", "max_cache_size", "upload_expiry", "gc_grace"})
+    _known_keys(raw, "storage.", {"root", "max_cache_size", "upload_expiry", "gc_grace", "s3"})
     root = raw.get("root", DEFAULT_ROOT)
     if not isinstance(root, str) or not root:
         raise ConfigError("storage.root", "must be a directory path")
@@ -368,7 +403,83 @@ def _storage(raw: Any) -> Storage:
         max_cache_size=None if max_size is None else parse_size(max_size, "storage.max_cache_size"),
         upload_expiry=parse_duration(raw.get("upload_expiry", Storage.upload_expiry), "storage.upload_expiry"),
         gc_grace=parse_duration(raw.get("gc_grace", Storage.gc_grace), "storage.gc_grace"),
+        s3=_s3(raw.get("s3")),
     )
+
+
+def _s3(raw: Any) -> S3Storage | None:
+    """``storage.s3``; errors repeat only the bucket, region and prefix (keys and URLs may be secret)."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise ConfigError("storage.s3", "must be a mapping with endpoint, bucket, access_key and secret_key")
+    _known_keys(raw, "storage.s3.", {"endpoint", "bucket", "region", "access_key", "secret_key", "prefix",
+                                     "redirect"})
+    endpoint = _string(raw.get("endpoint"), "storage.s3.endpoint", "an http:// or https:// URL")
+    try:
+        parts = urlsplit(endpoint)
+        usable = (parts.scheme in ("http", "https") and bool(parts.hostname) and parts.port != 0
+                  and parts.username is None and parts.path in ("", "/") and not parts.query
+                  and not parts.fragment and "?" not in endpoint and "#" not in endpoint)
+    except ValueError:  # a port that is not a number below 65536, a broken [IPv6] host
+        usable = False
+    if not usable:
+        raise ConfigError("storage.s3.endpoint", "must be an http:// or https:// URL with a host, an optional port "
+                          "and nothing after it (no user:password@, path or query), such as http://rgw.example:7480")
+    bucket = _string(raw.get("bucket"), "storage.s3.bucket", "a bucket name")
+    if not S3_BUCKET.fullmatch(bucket):
+        raise ConfigError("storage.s3.bucket", f"{bucket!r:.80} is not an S3 bucket name (3 to 63 lowercase "
+                          "letters, digits, dots and hyphens, beginning and ending with a letter or digit)")
+    access_key, secret_key = (_string(raw.get(key), f"storage.s3.{key}") for key in ("access_key", "secret_key"))
+    for key, value in (("access_key", access_key), ("secret_key", secret_key)):
+        if not value:
+            raise ConfigError(f"storage.s3.{key}", "must not be empty")
+    region = _string(raw.get("region", S3Storage.region), "storage.s3.region", "a region name such as us-east-1")
+    if not S3_REGION.fullmatch(region):
+        raise ConfigError("storage.s3.region", f"{region!r:.40} is not a region name such as us-east-1 (letters, "
+                          "digits, '.', '_' and '-')")
+    prefix = _string(raw.get("prefix", S3Storage.prefix), "storage.s3.prefix", "a key prefix such as prod/")
+    if prefix and not (S3_PREFIX.fullmatch(prefix) and prefix.endswith("/")
+                       and all(part not in ("", ".", "..") for part in prefix[:-1].split("/"))):
+        raise ConfigError("storage.s3.prefix", f"{prefix!r:.80} is not a key prefix: \"\" or names of letters, "
+                          "digits and !_.*'()- each followed by '/' (so it ends with '/'; no leading '/', no "
+                          "empty, '.' or '..' names), such as prod/")
+    return S3Storage(endpoint=endpoint.rstrip("/"), bucket=bucket, access_key=access_key, secret_key=secret_key,
+                     region=region, prefix=prefix,
+                     redirect=_boolean(raw.get("redirect", S3Storage.redirect), "storage.s3.redirect"))
+
+
+def _redis(value: Any) -> str | None:
+    """The Redis URL ``redis``: redis:// or rediss:// with a host, or unix:// with a socket path; None: none.
+    Errors never repeat it (it may carry a password)."""
+    if value is None:
+        return None
+    url = _string(value, "redis", "a redis://, rediss:// or unix:// URL")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+        if parts.scheme in ("redis", "rediss"):
+            usable = bool(parts.hostname) and port != 0 and re.fullmatch(r"/?|/[0-9]{1,5}", parts.path) is not None
+        else:
+            usable = parts.scheme == "unix" and not parts.hostname and port is None and parts.path.startswith("/")
+        usable = usable and not parts.fragment
+    except ValueError:  # a port that is not a number below 65536, a broken [IPv6] host
+        usable = False
+    if not usable:
+        raise ConfigError("redis", "must be a redis://[:PASSWORD@]HOST[:PORT][/DB] or rediss://... URL, or "
+                                   "unix:///PATH/TO/SOCKET (optionally ?db=N)")
+    return url
+
+
+def _secret(value: Any) -> str | None:
+    """The shared ``secret``: a string of at least MIN_SECRET_LENGTH characters; errors never repeat it."""
+    if value is None:
+        return None
+    secret = _string(value, "secret", "a string")
+    if len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError("secret", f"must be at least {MIN_SECRET_LENGTH} characters long: "
+                                    "use a long random string, the same on every instance")
+    return secret
 
 
 def _tls(raw: Any) -> Tls | None:

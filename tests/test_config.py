@@ -8,10 +8,10 @@ from typing import Any
 import pytest
 import yaml
 
-from mirror.config import load
+from mirror.config import S3Storage, load
 from mirror.errors import ConfigError
 
-BOOLEAN_KEYS = [("upstreams", 0, "allow_push"), ("auth", "anonymous_pull")]
+BOOLEAN_KEYS = [("upstreams", 0, "allow_push"), ("auth", "anonymous_pull"), ("storage", "s3", "redirect")]
 NUMBER_KEYS = [("workers",), ("storage", "max_cache_size"), ("storage", "upload_expiry"), ("storage", "gc_grace"),
                ("upstreams", 0, "manifest_ttl"), ("upstreams", 0, "timeout"), ("auth", "token_ttl"),
                ("notifications", 0, "timeout")]
@@ -20,7 +20,12 @@ STRING_KEYS = [("listen",), ("storage", "root"), ("upstreams", 0, "name"), ("ups
                ("trusted_keys", 0), ("tls", "cert"), ("tls", "key"), ("auth", "htpasswd"), ("auth", "realm"),
                ("auth", "service"), ("auth", "groups", "admins", 0), ("auth", "access", 0, "repository"),
                ("auth", "access", 0, "read", 0), ("notifications", 0, "url"), ("notifications", 0, "events", 0),
-               ("notifications", 0, "headers", "X-Token")]
+               ("notifications", 0, "headers", "X-Token"), ("storage", "s3", "endpoint"), ("storage", "s3", "bucket"),
+               ("storage", "s3", "region"), ("storage", "s3", "access_key"), ("storage", "s3", "secret_key"),
+               ("storage", "s3", "prefix"), ("redis",), ("secret",)]
+SECRET_KEY = "wJalrXUtnFEMI-K7MDENG"  # the values tests look for in error messages and reprs
+SECRET = "a-long-random-string-0123"
+REDIS_PASSWORD = "hunter2-redis"
 
 
 def dotted(path: tuple[str | int, ...]) -> str:
@@ -35,7 +40,11 @@ def full(tmp_path) -> dict[str, Any]:
         (tmp_path / name).write_text("")
     return {"listen": "127.0.0.1:5000",
             "storage": {"root": str(tmp_path / "store"), "max_cache_size": "50GiB", "upload_expiry": "24h",
-                        "gc_grace": 3600},
+                        "gc_grace": 3600,
+                        "s3": {"endpoint": "http://rgw.example:7480", "bucket": "mirror", "region": "us-east-1",
+                               "access_key": "AKIAEXAMPLE", "secret_key": SECRET_KEY, "prefix": "prod/",
+                               "redirect": False}},
+            "redis": f"redis://:{REDIS_PASSWORD}@redis.example:6379/0", "secret": SECRET,
             "upstreams": [{"name": "docker.io", "url": "https://registry-1.docker.io", "username": "alice",
                            "password": "s3cret", "manifest_ttl": "5m", "timeout": 10, "allow_push": False}],
             "default_upstream": "docker.io", "workers": 2, "trusted_keys": [str(tmp_path / "bundle.pub")],
@@ -74,6 +83,9 @@ def test_the_full_config_loads_with_its_types(tmp_path, full):
     assert config.storage.max_cache_size == 50 * 2**30 and config.storage.upload_expiry == 86400.0
     assert config.upstreams[0].manifest_ttl == 300.0 and config.workers == 2
     assert config.notifications[0].headers == (("X-Token", "abc"),)
+    assert config.storage.s3 == S3Storage("http://rgw.example:7480", "mirror", "AKIAEXAMPLE", SECRET_KEY,
+                                          "us-east-1", "prod/", False)
+    assert config.redis == f"redis://:{REDIS_PASSWORD}@redis.example:6379/0" and config.secret == SECRET
 
 
 @pytest.mark.parametrize("path", BOOLEAN_KEYS, ids=dotted)
@@ -174,3 +186,210 @@ def test_an_empty_config_file_is_an_error(tmp_path, text):
     with pytest.raises(ConfigError, match="is empty") as caught:
         load(path, {})
     assert caught.value.key == str(path)
+
+
+S3_REQUIRED = {"endpoint": "http://rgw.example:7480", "bucket": "mirror", "access_key": "AKIAEXAMPLE",
+               "secret_key": SECRET_KEY}
+VALID_S3 = [  # (key, value as written, value loaded)
+    ("endpoint", "https://s3.amazonaws.com", "https://s3.amazonaws.com"),
+    ("endpoint", "http://rgw.example:7480/", "http://rgw.example:7480"),
+    ("endpoint", "http://[::1]:9000", "http://[::1]:9000"),
+    ("endpoint", "HTTPS://minio.example", "HTTPS://minio.example"),
+    ("bucket", "abc", "abc"), ("bucket", "my.bucket-2", "my.bucket-2"), ("bucket", "a" * 63, "a" * 63),
+    ("bucket", "0-9", "0-9"),
+    ("region", "eu-west-3", "eu-west-3"), ("region", "default", "default"), ("region", "zg_1.a", "zg_1.a"),
+    ("access_key", "x", "x"), ("secret_key", "y", "y"),
+    ("prefix", "", ""), ("prefix", "prod/", "prod/"), ("prefix", "a/b.c/", "a/b.c/"),
+    ("prefix", "Team_(1)!*'-x/", "Team_(1)!*'-x/"), ("prefix", "..a/", "..a/"),
+    ("redirect", True, True), ("redirect", False, False),
+]
+INVALID_S3 = [  # (key, value): refused, naming storage.s3.<key>
+    *(("endpoint", value) for value in [
+        "", "rgw.example:7480", "ftp://rgw.example", "http://", "http://:7480", "http://rgw.example/bucket",
+        "http://rgw.example/?", "http://rgw.example?x=1", "http://rgw.example#f", "http://rgw.example:99999",
+        "http://rgw.example:0", "http://rgw.example:port", "http://[::1", "http://user:pw@rgw.example",
+        "http://@rgw.example", None]),
+    *(("bucket", value) for value in [
+        "", "ab", "a" * 64, "Mirror", "my_bucket", "-abc", "abc-", ".abc", "abc.", "a/b", "a b c", None]),
+    ("access_key", ""), ("access_key", None), ("secret_key", ""), ("secret_key", None),
+    ("region", ""), ("region", None), ("region", "us east"), ("region", "us/east-1"),
+    *(("prefix", value) for value in [
+        "prod", "/prod/", "/", "a//", "a/../", "../", "./", "a/./b/", "a b/", "ü/", "a\\b/", "a?b/", None]),
+    ("redirect", "true"), ("redirect", None),
+]
+VALID_REDIS = ["redis://redis.example:6379/0", "redis://redis.example", "redis://redis.example/",
+               "rediss://:pw@redis.example:6380/15", "redis://user:pw@10.0.0.5/2", "redis://[::1]:6379",
+               "redis://h/0?socket_timeout=5", "unix:///run/redis/redis.sock", "unix:///run/redis.sock?db=1",
+               "unix://:pw@/run/redis.sock"]
+INVALID_REDIS = ["", "redis.example:6379", "http://redis.example", "redis://", "redis://:6379", "redis://h:0",
+                 "redis://h:99999", "redis://h:port", "redis://h/db", "redis://h/0/1", "redis://h#f",
+                 "unix://", "unix://host/run/redis.sock", "unix://relative.sock", "redis://[::1"]
+
+
+def s3_config(**s3: Any) -> dict[str, Any]:
+    """A config whose storage.s3 is ``S3_REQUIRED`` with ``s3`` (a value of None removes its key)."""
+    keys = {**S3_REQUIRED, **s3}
+    return {"storage": {"s3": {key: value for key, value in keys.items() if value is not None}}}
+
+
+def test_s3_needs_only_its_required_keys_and_keeps_the_local_root(tmp_path):
+    config = load_raw(tmp_path, s3_config())
+    assert config.storage.s3 == S3Storage("http://rgw.example:7480", "mirror", "AKIAEXAMPLE", SECRET_KEY)
+    assert (config.storage.s3.region, config.storage.s3.prefix, config.storage.s3.redirect) == ("us-east-1", "", False)
+    assert config.storage.root == Path("mirror-data")
+    assert (config.redis, config.secret) == (None, None)
+    assert load(None, {}).storage.s3 is None
+
+
+@pytest.mark.parametrize(("key", "value", "loaded"), VALID_S3, ids=lambda value: repr(value)[:40])
+def test_valid_s3_values(tmp_path, key, value, loaded):
+    assert getattr(load_raw(tmp_path, s3_config(**{key: value})).storage.s3, key) == loaded
+
+
+@pytest.mark.parametrize(("key", "value"), INVALID_S3, ids=lambda value: repr(value)[:40])
+def test_invalid_s3_values_are_refused_naming_the_key(tmp_path, key, value):
+    raw = s3_config()
+    raw["storage"]["s3"][key] = value
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, raw)
+    assert caught.value.key == f"storage.s3.{key}", caught.value
+    assert "\n" not in caught.value.message
+
+
+@pytest.mark.parametrize("key", sorted(S3_REQUIRED))
+def test_s3_without_a_required_key_is_refused_naming_it(tmp_path, key):
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, s3_config(**{key: None}))
+    assert caught.value.key == f"storage.s3.{key}"
+
+
+@pytest.mark.parametrize("value", ["x", [], ["endpoint"], 5, True])
+def test_s3_that_is_not_a_mapping_is_named(tmp_path, value):
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, {"storage": {"s3": value}})
+    assert caught.value.key == "storage.s3"
+
+
+def test_unknown_s3_keys_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="unknown key") as caught:
+        load_raw(tmp_path, s3_config(endpoint_url="http://rgw.example"))
+    assert caught.value.key == "storage.s3.endpoint_url"
+
+
+def test_an_empty_s3_section_means_none(tmp_path):
+    assert load_raw(tmp_path, {"storage": {"s3": None}}).storage.s3 is None
+
+
+@pytest.mark.parametrize("value", VALID_REDIS)
+def test_valid_redis_urls(tmp_path, value):
+    assert load_raw(tmp_path, {"redis": value}).redis == value
+
+
+@pytest.mark.parametrize("value", INVALID_REDIS)
+def test_invalid_redis_urls_are_refused_naming_the_key(tmp_path, value):
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, {"redis": value})
+    assert caught.value.key == "redis"
+
+
+@pytest.mark.parametrize(("value", "valid"), [("x" * 16, True), ("ü" * 16, True), (SECRET, True), ("", False),
+                                              ("x" * 15, False)])
+def test_the_secret_is_a_string_of_at_least_16_characters(tmp_path, value, valid):
+    if valid:
+        assert load_raw(tmp_path, {"secret": value}).secret == value
+    else:
+        with pytest.raises(ConfigError, match="at least 16 characters") as caught:
+            load_raw(tmp_path, {"secret": value})
+        assert caught.value.key == "secret"
+
+
+@pytest.mark.parametrize(("raw", "secret"), [
+    ({"secret": "hunter2-short"}, "hunter2-short"),
+    ({"secret": 867530912345678901}, "867530912345678901"),
+    ({"redis": f"redis://:{REDIS_PASSWORD}@redis.example:0"}, REDIS_PASSWORD),
+    ({"redis": f"http://:{REDIS_PASSWORD}@redis.example"}, REDIS_PASSWORD),
+    ({"redis": f"unix://:{REDIS_PASSWORD}@host/sock"}, REDIS_PASSWORD),
+    (s3_config(secret_key=86753091234), "86753091234"),
+    (s3_config(access_key=86753091234), "86753091234"),
+    (s3_config(secret_key=[SECRET_KEY]), SECRET_KEY),
+    (s3_config(endpoint=f"http://user:{SECRET_KEY}@rgw.example"), SECRET_KEY),
+    (s3_config(endpoint=f"http://rgw.example/?key={SECRET_KEY}"), SECRET_KEY),
+], ids=lambda value: str(value)[:60])
+def test_secret_values_are_not_repeated_in_errors(tmp_path, raw, secret):
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, raw)
+    assert secret not in str(caught.value) and secret not in caught.value.message
+
+
+def test_secret_values_are_not_in_the_repr_of_the_config(tmp_path, full):
+    (tmp_path / "ca.pem").write_text("")
+    full["auth"]["ldap"] = {"url": "ldap://ldap.example", "user_base": "ou=people,dc=example",
+                            "group_base": "ou=groups,dc=example", "bind_dn": "cn=mirror,dc=example",
+                            "bind_password": "ldap-s3cret-password"}
+    config = load_raw(tmp_path, full)
+    for text in (repr(config), str(config), repr(config.storage), repr(config.storage.s3)):
+        for secret in (SECRET_KEY, SECRET, REDIS_PASSWORD, "s3cret", "ldap-s3cret-password"):
+            assert secret not in text
+    assert "AKIAEXAMPLE" in repr(config.storage.s3)  # the access key is an identifier, not a secret
+
+
+S3_ENVIRON = {"MIRROR_STORAGE_S3_ENDPOINT": "http://rgw.example:7480", "MIRROR_STORAGE_S3_BUCKET": "mirror",
+              "MIRROR_STORAGE_S3_REGION": "eu-1", "MIRROR_STORAGE_S3_ACCESS_KEY": "AKIAEXAMPLE",
+              "MIRROR_STORAGE_S3_SECRET_KEY": SECRET_KEY, "MIRROR_STORAGE_S3_PREFIX": "prod/",
+              "MIRROR_REDIS": "redis://redis.example:6379/0", "MIRROR_SECRET": SECRET}
+S3_FROM_ENVIRON = S3Storage("http://rgw.example:7480", "mirror", "AKIAEXAMPLE", SECRET_KEY, "eu-1", "prod/")
+
+
+@pytest.mark.parametrize("raw", [None, {"listen": "127.0.0.1:5000"}, {"storage": None},
+                                 {"storage": {"root": "/srv/scratch"}}, {"storage": {"s3": None}}],
+                         ids=str)
+def test_the_environment_alone_can_configure_s3_redis_and_the_secret(tmp_path, raw):
+    config = load(None, S3_ENVIRON) if raw is None else load_raw(tmp_path, raw, S3_ENVIRON)
+    assert config.storage.s3 == S3_FROM_ENVIRON
+    assert config.redis == "redis://redis.example:6379/0" and config.secret == SECRET
+    assert config.storage.root == Path(((raw or {}).get("storage") or {}).get("root", "mirror-data"))
+
+
+def test_the_environment_overrides_the_s3_keys_of_the_file(tmp_path, full):
+    config = load_raw(tmp_path, full, S3_ENVIRON)
+    assert config.storage.s3 == S3_FROM_ENVIRON
+    assert config.redis == "redis://redis.example:6379/0" and config.secret == SECRET
+    assert config.storage.max_cache_size == 50 * 2**30  # the rest of storage is the file's
+    partial = load_raw(tmp_path, full, {"MIRROR_STORAGE_S3_BUCKET": "other"}).storage.s3
+    assert (partial.bucket, partial.endpoint, partial.prefix) == ("other", "http://rgw.example:7480", "prod/")
+
+
+@pytest.mark.parametrize("variable", sorted(name for name in S3_ENVIRON if name.startswith("MIRROR_STORAGE_S3_")))
+def test_any_s3_variable_makes_storage_s3_exist(variable):
+    with pytest.raises(ConfigError) as caught:  # alone, it makes an s3 section that lacks its other keys
+        load(None, {variable: S3_ENVIRON[variable]})
+    assert caught.value.key == ("storage.s3.bucket" if variable == "MIRROR_STORAGE_S3_ENDPOINT"
+                                else "storage.s3.endpoint")
+
+
+@pytest.mark.parametrize(("variable", "value", "key"), [
+    ("MIRROR_STORAGE_S3_ENDPOINT", "rgw.example", "storage.s3.endpoint"),
+    ("MIRROR_STORAGE_S3_BUCKET", "My_Bucket", "storage.s3.bucket"),
+    ("MIRROR_STORAGE_S3_REGION", "", "storage.s3.region"),
+    ("MIRROR_STORAGE_S3_ACCESS_KEY", "", "storage.s3.access_key"),
+    ("MIRROR_STORAGE_S3_SECRET_KEY", "", "storage.s3.secret_key"),
+    ("MIRROR_STORAGE_S3_PREFIX", "prod", "storage.s3.prefix"),
+    ("MIRROR_REDIS", "", "redis"), ("MIRROR_REDIS", "redis.example:6379", "redis"),
+    ("MIRROR_SECRET", "", "secret"), ("MIRROR_SECRET", "too-short", "secret"),
+])
+def test_invalid_variables_are_refused_naming_the_key(variable, value, key):
+    with pytest.raises(ConfigError) as caught:
+        load(None, {**S3_ENVIRON, variable: value})
+    assert caught.value.key == key
+    if key == "secret" and value:
+        assert value not in str(caught.value)
+
+
+def test_a_variable_under_a_section_that_is_not_a_mapping_leaves_the_section_to_be_named(tmp_path):
+    for raw in ({"storage": "x"}, {"storage": {"s3": "x"}}):
+        with pytest.raises(ConfigError) as caught:
+            load_raw(tmp_path, raw, S3_ENVIRON)
+        assert caught.value.key == ("storage" if raw["storage"] == "x" else "storage.s3")
+    with pytest.raises(ConfigError) as caught:
+        load_raw(tmp_path, {"storage": "x"}, {"MIRROR_STORAGE_ROOT": "/srv"})
+    assert caught.value.key == "storage"
