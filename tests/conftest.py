@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.peers import Containerd, Dockerd, MirrorProcess, Podman, Skopeo
+from tests.peers import CephRGW, Containerd, Dockerd, MirrorProcess, Podman, RedisServer, Skopeo
 
 
 @pytest.fixture(scope="session")
@@ -59,3 +59,18 @@ def podman(tmp_path):
 def skopeo(tmp_path):
     """skopeo with an accept-all policy and its own auth file."""
     return Skopeo(tmp_path / "skopeo")
+
+
+@pytest.fixture(scope="session")
+def ceph_rgw(tmp_path_factory):
+    """One single-node Ceph cluster with radosgw as S3 for the whole run, started (about 1 s) by the first test
+    that asks for it; tests share it, so each makes buckets of its own (``ceph_rgw.bucket(name)``)."""
+    with CephRGW(tmp_path_factory.mktemp("ceph-rgw")) as cluster:
+        yield cluster
+
+
+@pytest.fixture
+def redis_server(tmp_path):
+    """A private, empty redis-server of the test's own (it starts in a tenth of a second)."""
+    with RedisServer(tmp_path / "redis") as server:
+        yield server

@@ -1,4 +1,4 @@
-"""Real peers for tests: registries, a token server, dockerd, containerd, podman, skopeo and the mirror.
+"""Real peers for tests: registries, token server, dockerd, containerd, podman, skopeo, Ceph S3, Redis, the mirror.
 
 Each server listens on a free 127.0.0.1 port (or its own unix socket), keeps its files and its log in a work
 directory and is stopped by its own process id. A startup failure raises PeerError with the log's last lines.
@@ -15,13 +15,14 @@ import re
 import shutil
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -100,12 +101,13 @@ def wait_for_http(url: str, timeout: float = 30.0,
     return response
 
 
-def peer_environ(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """This environment, plus ``extra``, with every HTTP proxy set to a closed loopback port.
+def peer_environ(extra: Mapping[str, str] | None = None, unset: Collection[str] = ()) -> dict[str, str]:
+    """This environment without ``unset``, plus ``extra``, with every HTTP proxy set to a closed loopback port.
 
     Peers reach loopback directly, and anything else (docker's fallback to Docker Hub) fails at once.
     """
-    environ = {key: value for key, value in os.environ.items() if key.lower() not in _PROXY_VARIABLES}
+    environ = {key: value for key, value in os.environ.items()
+               if key.lower() not in _PROXY_VARIABLES and key not in unset}
     sinkhole = f"http://127.0.0.1:{free_port()}"
     for name in ("http_proxy", "https_proxy", "all_proxy"):
         environ[name] = environ[name.upper()] = sinkhole
@@ -201,14 +203,14 @@ class PeerProcess:
             raise self.error(str(exc)) from None
 
     def _spawn(self, argv: Sequence[str], env: Mapping[str, str] | None = None,
-               cwd: str | Path | None = None) -> None:
+               cwd: str | Path | None = None, unset: Collection[str] = ()) -> None:
         if self.running():
             raise PeerError(f"{self.name} is already running")
         self._log_file = self.log_path.open("ab")
         self._log_file.write(f"--- {self.name}: {' '.join(map(str, argv))}\n".encode())
         self._log_file.flush()
         self._process = subprocess.Popen(list(argv), stdin=subprocess.DEVNULL, stdout=self._log_file,
-                                         stderr=subprocess.STDOUT, env=peer_environ(env), cwd=cwd,
+                                         stderr=subprocess.STDOUT, env=peer_environ(env, unset), cwd=cwd,
                                          start_new_session=True)
 
     def __enter__(self) -> Self:
@@ -397,20 +399,33 @@ class AccessLogLine:
 _ACCESS_LINE = re.compile(r'"(?P<method>[A-Z]+) (?P<path>\S+) HTTP/[0-9.]+" (?P<status>\d{3}) ')
 
 
+@dataclass(frozen=True)
+class S3Storage:
+    """An S3 bucket to keep data in: endpoint URL, bucket, credentials, region and an optional key prefix."""
+
+    endpoint: str
+    bucket: str
+    access_key: str
+    secret_key: str
+    region: str = "us-east-1"
+    root_directory: str | None = None
+
+
 class DistributionRegistry(PeerProcess):
     """The reference Distribution registry (docker-registry 2.8) with filesystem storage in ``workdir``.
 
-    Optionally behind a TokenServer (``auth``), serving TLS (``tls``: certificate and key files), or as a
-    pull-through cache of ``proxy_remote_url``.
+    Optionally behind a TokenServer (``auth``), serving TLS (``tls``: certificate and key files), as a
+    pull-through cache of ``proxy_remote_url``, or keeping its data in an S3 bucket (``s3``) instead.
     """
 
     name = "docker-registry"
 
     def __init__(self, workdir: str | Path, auth: TokenServer | None = None,
                  proxy_remote_url: str | None = None, username: str | None = None,
-                 password: str | None = None, tls: tuple[Path, Path] | None = None):
+                 password: str | None = None, tls: tuple[Path, Path] | None = None,
+                 s3: S3Storage | None = None):
         super().__init__(workdir)
-        self.auth, self.proxy_remote_url, self.tls = auth, proxy_remote_url, tls
+        self.auth, self.proxy_remote_url, self.tls, self.s3 = auth, proxy_remote_url, tls, s3
         self.username, self.password = username, password
         self.port = free_port()
         self.host = f"127.0.0.1:{self.port}"
@@ -427,6 +442,13 @@ class DistributionRegistry(PeerProcess):
                         "delete": {"enabled": True}, "maintenance": {"uploadpurging": {"enabled": False}}},
             "http": {"addr": self.host, "secret": self._secret},
         }
+        if self.s3 is not None:
+            config["storage"].pop("filesystem")
+            config["storage"]["s3"] = {
+                "regionendpoint": self.s3.endpoint, "bucket": self.s3.bucket, "region": self.s3.region,
+                "accesskey": self.s3.access_key, "secretkey": self.s3.secret_key,
+                "secure": urlsplit(self.s3.endpoint).scheme == "https", "v4auth": True,
+                **({"rootdirectory": self.s3.root_directory} if self.s3.root_directory else {})}
         if self.tls is not None:
             config["http"]["tls"] = {"certificate": str(self.tls[0]), "key": str(self.tls[1])}
         if self.auth is not None:
@@ -443,7 +465,9 @@ class DistributionRegistry(PeerProcess):
         """Write config.yml, start ``docker-registry serve`` and wait until ``/v2/`` answers."""
         program = require("/usr/bin/docker-registry")
         self.config_path.write_text(yaml.safe_dump(self.config()))
-        self._spawn([program, "serve", str(self.config_path)])
+        # Only config.yml says where S3 is: the host's AWS_* variables (AWS_CA_BUNDLE...) stay out.
+        self._spawn([program, "serve", str(self.config_path)], unset=[key for key in os.environ
+                                                                     if key.startswith("AWS_")])
         self.wait_until(lambda: http_response(f"{self.url}/v2/") is not None, f"{self.url}/v2/", timeout=30)
         return self
 
@@ -460,6 +484,321 @@ class DistributionRegistry(PeerProcess):
         """How many ``method`` requests with ``path_substring`` in their path (answered ``status``) it got."""
         return sum(1 for line in self.access_log() if line.method == method and path_substring in line.path
                    and status in (None, line.status))
+
+
+_SYSTEM_PYTHON = "/usr/bin/python3"  # Debian's, the one python3-rados is built for
+# Run by _SYSTEM_PYTHON: connect to the cluster of argv[1], run the monitor commands given as JSON on stdin,
+# then wait (up to argv[2] seconds) until the OSD numbered "wait_osd_up" is up; print the outputs as JSON.
+_RADOS_COMMANDS = """
+import json, sys, time
+import rados
+conf, timeout = sys.argv[1], int(sys.argv[2])
+request = json.load(sys.stdin)
+cluster = rados.Rados(conffile=conf, conf={"client_mount_timeout": str(timeout)})
+cluster.connect()
+def mon(command, data=""):
+    status, output, message = cluster.mon_command(json.dumps(command), data.encode(), timeout=timeout)
+    if status != 0:
+        sys.exit(f"{command['prefix']} failed ({status}): {message}")
+    return output.decode()
+outputs = [mon(item["command"], item.get("input", "")) for item in request.get("commands", [])]
+osd, deadline = request.get("wait_osd_up"), time.monotonic() + timeout
+while osd is not None and not any(entry["osd"] == osd and entry["up"]
+                                  for entry in json.loads(mon({"prefix": "osd dump", "format": "json"}))["osds"]):
+    if time.monotonic() > deadline:
+        sys.exit(f"osd.{osd} is not up after {timeout}s")
+    time.sleep(0.05)
+cluster.shutdown()
+print(json.dumps(outputs))
+"""
+_RGW_POOLS = (".rgw.root", "default.rgw.control", "default.rgw.meta", "default.rgw.log",
+              "default.rgw.buckets.index", "default.rgw.buckets.data", "default.rgw.buckets.non-ec")
+
+
+def _cephx_key() -> str:
+    """A new random cephx secret, encoded as ``ceph-authtool --gen-print-key`` prints one."""
+    # CryptoKey's encoding: type (1, AES), creation time (seconds, nanoseconds), length, the 16 secret bytes
+    return base64.b64encode(struct.pack("<HIIH", 1, int(time.time()), 0, 16) + os.urandom(16)).decode()
+
+
+class CephDaemon(PeerProcess):
+    """One Ceph daemon run with ``-d`` (foreground, logging to its log file), stopped by its process group."""
+
+    def __init__(self, workdir: str | Path, name: str, stop_timeout: float = 10.0):
+        self.name, self.stop_timeout = name, stop_timeout
+        super().__init__(workdir)
+
+    def start(self) -> CephDaemon:
+        """Ceph daemons are started by their cluster (CephRGW)."""
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        """SIGTERM to its process group (it was started in a session of its own), SIGKILL after ``stop_timeout``."""
+        if self._process is not None and self._process.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(self._process.pid, signal.SIGTERM)
+            try:
+                self._process.wait(self.stop_timeout)
+            except subprocess.TimeoutExpired:
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        super().stop()
+
+    def log(self) -> str:
+        """Everything the daemon logged so far (without the empty line Ceph 16 adds after each on stderr)."""
+        return "\n".join(line for line in super().log().splitlines() if line)
+
+
+class CephRGW:
+    """A single-node Ceph cluster from nothing: one monitor, one OSD on memstore and radosgw (beast) as S3.
+
+    Everything listens on 127.0.0.1 (the gateway on a free port, the daemons' messengers on 30000-32000, off
+    the ephemeral range that free_port draws from), every file is in ``workdir`` (the daemons' logs in
+    ``ceph-mon.log``, ``ceph-osd.log``, ``radosgw.log``), and the daemons are stopped by their own pids.
+    Ceph's tools find the cluster through ``CEPH_CONF``, given to them only (see ``environ``).
+    """
+
+    region = "us-east-1"
+    timeout = 120
+
+    def __init__(self, workdir: str | Path):
+        self.workdir = Path(workdir)
+        self.workdir.mkdir(parents=True, exist_ok=True)
+        self.conf_path = self.workdir / "ceph.conf"
+        self.run_dir: Path | None = None  # for admin sockets, made at start (see short_tempdir)
+        self.port = free_port()
+        self.endpoint = f"http://127.0.0.1:{self.port}"
+        self.access_key = uuid.uuid4().hex[:20].upper()
+        self.secret_key = uuid.uuid4().hex + uuid.uuid4().hex[:8]
+        self.mon = CephDaemon(self.workdir, "ceph-mon")
+        self.osd = CephDaemon(self.workdir, "ceph-osd")
+        # radosgw takes 5 s to shut down: the cluster is thrown away, so it gets 1 s before SIGKILL.
+        self.rgw = CephDaemon(self.workdir, "radosgw", stop_timeout=1.0)
+        self.start_seconds: float | None = None
+        self._started: list[CephDaemon] = []
+
+    @property
+    def environ(self) -> dict[str, str]:
+        """The environment variables Ceph's command-line tools need to find this cluster."""
+        return {"CEPH_CONF": str(self.conf_path)}
+
+    @property
+    def daemons(self) -> tuple[CephDaemon, CephDaemon, CephDaemon]:
+        """The monitor, the OSD and the gateway."""
+        return self.mon, self.osd, self.rgw
+
+    def start(self) -> CephRGW:
+        """Create the cluster, start its three daemons and an S3 user; raise PeerError if it does not come up."""
+        programs = {name: require(name, root=True) for name in ("radosgw", "ceph-mon", "ceph-osd")}
+        programs.update((name, require(name)) for name in ("radosgw-admin", "monmaptool", _SYSTEM_PYTHON))
+        started = time.monotonic()
+        self.run_dir = short_tempdir("ceph-")
+        try:
+            self._bootstrap(programs)
+        except BaseException:
+            self.stop()
+            raise
+        self.start_seconds = time.monotonic() - started
+        return self
+
+    def stop(self) -> None:
+        """Stop the gateway, the OSD and the monitor, each by its pid; remove the admin socket directory."""
+        while self._started:
+            self._started.pop().stop()
+        if self.run_dir is not None:
+            shutil.rmtree(self.run_dir, ignore_errors=True)
+            self.run_dir = None
+
+    def running(self) -> bool:
+        """Whether all three daemons are alive."""
+        return all(daemon.running() for daemon in self.daemons)
+
+    def storage(self, bucket: str, root_directory: str | None = None) -> S3Storage:
+        """Where ``bucket`` is on this gateway, with this cluster's S3 user (for DistributionRegistry's ``s3``)."""
+        return S3Storage(self.endpoint, bucket, self.access_key, self.secret_key, self.region, root_directory)
+
+    def client(self) -> Any:
+        """A boto3 S3 client of this gateway's user: path-style addressing, SigV4."""
+        import boto3  # here, not at the top: only the tests that use the gateway need boto3
+        from botocore.config import Config
+
+        config = Config(s3={"addressing_style": "path"}, signature_version="s3v4", connect_timeout=5,
+                        read_timeout=60)
+        return boto3.client("s3", endpoint_url=self.endpoint, region_name=self.region, config=config,
+                            aws_access_key_id=self.access_key, aws_secret_access_key=self.secret_key)
+
+    def bucket(self, name: str) -> str:
+        """Create the bucket ``name`` (3 to 63 characters: the gateway refuses shorter names) and return it."""
+        if not 3 <= len(name) <= 63:
+            raise ValueError(f"bucket name {name!r}: S3 wants 3 to 63 characters")
+        self.client().create_bucket(Bucket=name)
+        return name
+
+    def radosgw_admin(self, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        """Run ``radosgw-admin ARGS`` against this cluster (``user list``, ``bucket stats``...)."""
+        return run(["radosgw-admin", "-c", str(self.conf_path), *args], env=self.environ, check=check,
+                   timeout=self.timeout)
+
+    def mon_commands(self, *commands: Mapping[str, Any], wait_osd_up: int | None = None) -> list[str]:
+        """Send monitor commands (``{"prefix": "osd pool ls"}``...) in order, their outputs in that order.
+
+        They go through python3-rados in Debian's python, in one process: far faster than ``ceph`` per command.
+        An ``input`` key is the command's input; ``wait_osd_up=N`` then waits until osd.N is up. Raise PeerError
+        when one fails, or when a daemon of the cluster dies meanwhile.
+        """
+        request = json.dumps({"commands": [{"command": {key: value for key, value in command.items()
+                                                        if key != "input"}, "input": command.get("input", "")}
+                                           for command in commands], "wait_osd_up": wait_osd_up})
+        helper = subprocess.Popen([_SYSTEM_PYTHON, "-I", "-c", _RADOS_COMMANDS, str(self.conf_path),
+                                   str(self.timeout)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=peer_environ(self.environ))
+        deadline, data = time.monotonic() + self.timeout + 30, request
+        try:
+            while True:
+                try:
+                    output, errors = helper.communicate(data, timeout=0.1)
+                    break
+                except subprocess.TimeoutExpired:
+                    data = None  # given once: communicate() goes on writing it
+                    if time.monotonic() > deadline:
+                        raise PeerError(f"ceph: {commands} took more than {self.timeout + 30}s") from None
+                    self._check_daemons()
+        finally:
+            if helper.poll() is None:
+                helper.kill()
+                helper.wait()
+        if helper.returncode != 0:
+            raise PeerError(f"ceph: monitor commands failed ({helper.returncode}): {errors.strip()}")
+        return json.loads(output)
+
+    def __enter__(self) -> CephRGW:
+        return self.start()
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
+
+    def _check_daemons(self) -> None:
+        for daemon in self._started:
+            if not daemon.running():
+                raise daemon.error("exited")
+
+    def _bootstrap(self, programs: Mapping[str, str]) -> None:
+        fsid, osd_uuid = str(uuid.uuid4()), str(uuid.uuid4())
+        mon_addresses = f"[v2:127.0.0.1:{free_port()},v1:127.0.0.1:{free_port()}]"
+        self.conf_path.write_text(self._conf(fsid, mon_addresses))
+        keys = {name: _cephx_key() for name in ("mon.", "client.admin", "client.rgw.a", "osd.0")}
+        caps = {"mon.": {"mon": "allow *"},
+                "client.admin": {kind: "allow *" for kind in ("mon", "osd", "mgr", "mds")},
+                "client.rgw.a": {"mon": "allow rw", "osd": "allow rwx"}}
+        for name in ("client.admin", "client.rgw.a"):
+            _write_keyring(self.workdir / f"{name}.keyring", {name: (keys[name], caps[name])})
+        _write_keyring(self.workdir / "mon.keyring", {name: (keys[name], caps[name]) for name in caps})
+        run([programs["monmaptool"], "--create", "--addv", "a", mon_addresses, "--fsid", fsid,
+             str(self.workdir / "monmap")], env=self.environ)
+        run([programs["ceph-mon"], "-c", str(self.conf_path), "--mkfs", "-i", "a", "--monmap",
+             str(self.workdir / "monmap"), "--keyring", str(self.workdir / "mon.keyring")], env=self.environ)
+        self._spawn(self.mon, [programs["ceph-mon"], "-c", str(self.conf_path), "-d", "-i", "a"])
+        # Waits for the monitor; the OSD's key is the one written to its keyring next.
+        [osd_id] = self.mon_commands({"prefix": "osd new", "uuid": osd_uuid,
+                                      "input": json.dumps({"cephx_secret": keys["osd.0"]})})
+        if int(osd_id) != 0:
+            raise PeerError(f"ceph: the new cluster's first OSD is osd.{osd_id}, not osd.0")
+        _write_keyring(self.workdir / "osd.0.keyring", {"osd.0": (keys["osd.0"], {})})
+        for data in ("osd.0", "rgw.a"):
+            (self.workdir / data).mkdir(exist_ok=True)
+        run([programs["ceph-osd"], "-c", str(self.conf_path), "-i", "0", "--mkfs", "--osd-uuid", osd_uuid],
+            env=self.environ, timeout=self.timeout)
+        self._spawn(self.osd, [programs["ceph-osd"], "-c", str(self.conf_path), "-d", "-i", "0"])
+        # radosgw would create its pools one at a time at its first start: all at once here, while the OSD boots.
+        self.mon_commands(*({"prefix": prefix, "pool": pool, **extra} for pool in _RGW_POOLS for prefix, extra in (
+            ("osd pool create", {"pg_num": 8, "pgp_num": 8}), ("osd pool application enable", {"app": "rgw"}))),
+            wait_osd_up=0)
+        self._spawn(self.rgw, [programs["radosgw"], "-c", str(self.conf_path), "-d", "-n", "client.rgw.a"])
+        self.rgw.wait_until(lambda: http_response(self.endpoint) is not None, f"{self.endpoint} to answer",
+                            timeout=self.timeout)
+        self.radosgw_admin("user", "create", "--uid", "mirror", "--display-name", "mirror tests",
+                           "--access-key", self.access_key, "--secret-key", self.secret_key)
+
+    def _spawn(self, daemon: CephDaemon, argv: Sequence[str]) -> None:
+        daemon._spawn(argv, env=self.environ)
+        self._started.append(daemon)
+
+    def _conf(self, fsid: str, mon_addresses: str) -> str:
+        workdir = self.workdir
+        settings = {
+            "global": {
+                "fsid": fsid, "mon host": mon_addresses, "public addr": "127.0.0.1", "cluster addr": "127.0.0.1",
+                "ms bind port min": 30000, "ms bind port max": 32000,
+                "run dir": self.run_dir, "admin socket": f"{self.run_dir}/$name.asok",
+                "log file": f"{workdir}/$name.log", "keyring": f"{workdir}/$name.keyring",
+                "auth cluster required": "cephx", "auth service required": "cephx", "auth client required": "cephx",
+                # One OSD: pools of one replica, placement across OSDs rather than hosts, no warnings about it.
+                "osd pool default size": 1, "osd pool default min size": 1, "mon allow pool size one": "true",
+                "mon warn on pool no redundancy": "false", "osd crush chooseleaf type": 0,
+                "osd pool default pg num": 8, "osd pool default pgp num": 8,
+                "osd pool default pg autoscale mode": "off",
+            },
+            "mon": {
+                "mon data": f"{workdir}/mon.$id", "mon cluster log file": f"{workdir}/ceph-cluster.log",
+                "mon data avail warn": 1, "mon data avail crit": 0,
+                # Commit map changes at once: each pool, each OSD state change is a round of Paxos.
+                "paxos propose interval": 0.01, "paxos min wait": 0.001,
+            },
+            "osd": {
+                "osd data": f"{workdir}/osd.$id", "osd objectstore": "memstore",
+                "memstore device bytes": 8 << 30, "osd memory target": 1 << 30,
+            },
+            # Without tcp_nodelay every response waits out the client's delayed ACK: 40 ms per S3 request.
+            "client.rgw.a": {"rgw frontends": f"beast endpoint=127.0.0.1:{self.port} tcp_nodelay=1",
+                             "rgw data": f"{workdir}/rgw.a"},
+        }
+        return "".join(f"[{section}]\n" + "".join(f"{key} = {value}\n" for key, value in values.items())
+                       for section, values in settings.items())
+
+
+def _write_keyring(path: Path, entries: Mapping[str, tuple[str, Mapping[str, str]]]) -> None:
+    """Write a Ceph keyring: for each entity name, its key and capabilities (``{"mon": "allow *"}``)."""
+    path.write_text("".join(f"[{name}]\n\tkey = {key}\n" + "".join(f'\tcaps {kind} = "{cap}"\n'
+                                                                  for kind, cap in caps.items())
+                            for name, (key, caps) in entries.items()))
+
+
+class RedisServer(PeerProcess):
+    """A private redis-server on a free 127.0.0.1 port, without persistence; it restarts on the same port."""
+
+    name = "redis-server"
+
+    def __init__(self, workdir: str | Path):
+        super().__init__(workdir)
+        self.port = free_port()
+
+    @property
+    def url(self) -> str:
+        """``redis://127.0.0.1:PORT/0``."""
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        """Start redis-server (again, on the same port after ``stop``) and wait until it answers PING."""
+        program = require("redis-server")
+        self._spawn([program, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                     "--dir", str(self.workdir), "--daemonize", "no", "--logfile", ""])
+        self.wait_until(self.ping, f"PING on 127.0.0.1:{self.port}", timeout=30)
+        return self
+
+    def restart(self) -> RedisServer:
+        """Stop it and start it again on the same port, empty."""
+        self.stop()
+        return self.start()
+
+    def ping(self) -> bool:
+        """Whether it answers PING right now."""
+        try:
+            with socket.create_connection(("127.0.0.1", self.port), timeout=1) as connection:
+                connection.sendall(b"PING\r\n")
+                return connection.recv(16).startswith(b"+PONG")
+        except OSError:
+            return False
 
 
 class Dockerd(PeerProcess):
