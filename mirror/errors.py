@@ -22,9 +22,11 @@
     │   ├── TooManyRequests          too much work is waiting already: retry shortly
     │   └── DirectoryUnavailable     the LDAP directory that checks passwords is down or too slow
     ├── StorageError                 the store cannot do what was asked
-    │   └── StoreFull                no space left on the device
+    │   ├── StoreFull                no space left on the device
+    │   └── StorageUnavailable       the object storage is unreachable, slow or refused the request
     ├── UpstreamError                an upstream registry failed us
     │   ├── UpstreamUnavailable      unreachable, timed out, 5xx or 429
+    │   │   └── FetchAbandoned       the process fetching a blob for us stopped before it was done
     │   ├── UpstreamNotFound         upstream answered 404
     │   ├── UpstreamDenied           upstream refused our credentials
     │   └── UpstreamInvalid          upstream sent content that is not what it claimed
@@ -131,12 +133,20 @@ class StoreFull(StorageError):
     """No space left in the store."""
 
 
+class StorageUnavailable(StorageError):
+    """The object storage behind the store is unreachable, too slow or refused the request: retry later."""
+
+
 class UpstreamError(MirrorError):
     """An upstream registry failed us."""
 
 
 class UpstreamUnavailable(UpstreamError):
     """Upstream registry is unavailable."""
+
+
+class FetchAbandoned(UpstreamUnavailable):
+    """The worker or instance fetching a blob that this request follows stopped before the bytes were verified."""
 
 
 class UpstreamNotFound(UpstreamError):

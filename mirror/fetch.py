@@ -12,18 +12,19 @@ store) only after its ``confirm`` callback said that its own repository may serv
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
-import os
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
 from typing import Protocol, TypeVar
 
 from mirror.config import Config, Upstream
-from mirror.digest import Digest
+from mirror.digest import Digest, Hasher
 from mirror.errors import (
     BlobUnknown,
     DigestInvalid,
+    FetchAbandoned,
     MirrorError,
     UpstreamInvalid,
     UpstreamNotFound,
@@ -32,8 +33,9 @@ from mirror.errors import (
 from mirror.metrics import Metrics
 from mirror.reference import store_prefix
 from mirror.storage import Store
+from mirror.storage.base import BlobWriter, Reader
 from mirror.storage.fetching import FetchClaim, ForeignFetch
-from mirror.storage.filesystem import CHUNK, BackgroundAppend, FileBlobWriter
+from mirror.storage.filesystem import CHUNK, BackgroundAppend
 from mirror.upstream import UpstreamClient
 
 log = logging.getLogger("mirror.fetch")
@@ -64,12 +66,9 @@ class StoredBlob:
         self.store, self.digest, self.size, self.origin = store, digest, size, origin
 
     async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
-        """Read the stored file chunk by chunk."""
-        remaining = (self.size if end is None else end) - start
-        with self.store.blobs.open(self.digest, start) as file:
-            while remaining > 0 and (chunk := file.read(min(CHUNK, remaining))):
-                remaining -= len(chunk)
-                yield chunk
+        """Read the stored blob chunk by chunk."""
+        async for chunk in self.store.blobs.chunks(self.digest, start, self.size if end is None else end):
+            yield chunk
 
     async def settle(self) -> None:
         """Stored already."""
@@ -93,11 +92,11 @@ class Fetch:
         self.started = asyncio.Event()
         self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) received, not yet written
         self._progress = asyncio.Event()
-        self._fd: int | None = None
+        self._source: Reader | None = None
 
-    def follow(self, writer: FileBlobWriter) -> None:
-        """Start following the session file ``writer`` appends to."""
-        self._fd = writer.follow()
+    def follow(self, writer: BlobWriter) -> None:
+        """Start following the session ``writer`` appends to."""
+        self._source = writer.reader()
 
     def receive(self, chunk: bytes) -> None:
         """Hold the next ``chunk`` from upstream in memory until it is written, and wake the followers."""
@@ -111,13 +110,13 @@ class Fetch:
         while self._unwritten and self._unwritten[0][0] + len(self._unwritten[0][1]) <= self.written:
             self._unwritten.popleft()
 
-    def read(self, fd: int, position: int, size: int) -> bytes:
-        """Up to ``size`` received bytes from ``position``: from memory if not yet written, else from ``fd``."""
+    async def read(self, reader: Reader, position: int, size: int) -> bytes:
+        """Up to ``size`` received bytes from ``position``: from memory if not yet written, else from ``reader``."""
         if position >= self.written:
             for offset, chunk in self._unwritten:
                 if offset <= position < offset + len(chunk):
                     return chunk[position - offset:position - offset + size]
-        return os.pread(fd, size, position)
+        return await reader.read(position, size)
 
     def verified(self) -> None:
         """Release every byte: the digest checked out (the blob may still be being written and committed)."""
@@ -131,15 +130,15 @@ class Fetch:
         self.finished = True
         self.started.set()
         self._wake()
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
+        if self._source is not None:
+            self._source.close()
+            self._source = None
 
-    def reader(self) -> int:
-        """A file descriptor to read the bytes from: the session file while fetching, the blob once stored."""
+    def reader(self) -> Reader:
+        """Where to read the bytes from: the session while fetching, the blob once stored."""
         if self.error is not None:
             raise self.error
-        return os.dup(self._fd) if self._fd is not None else self.store.blobs.open_fd(self.digest)
+        return self._source.dup() if self._source is not None else self.store.blobs.reader(self.digest)
 
     async def progress(self) -> None:
         """Wait until more bytes arrive or the fetch ends."""
@@ -151,26 +150,52 @@ class Fetch:
 
 
 class FetchFollower:
-    """Streams a fetch's bytes as they land on disk, holding back the last byte until it is verified."""
+    """Streams a fetch's bytes as they land, holding back the last byte until it is verified.
+
+    Following another instance's fetch, it also hashes what it sends of a whole blob and checks the digest before
+    the last byte; and when that instance stops halfway, ``rejoin()`` gives the source to go on from (a fetch this
+    instance now does, or the blob another one committed).
+    """
 
     origin = MISS
 
-    def __init__(self, fetch: Fetch | ForeignFetch):
+    def __init__(self, fetch: Fetch | ForeignFetch, rejoin: Callable[[], Awaitable[BlobSource]] | None = None):
         if fetch.error is not None:
             raise fetch.error
-        self.fetch = fetch
+        self.fetch, self.rejoin = fetch, rejoin
         self.size = fetch.size
 
     async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """Yield ``[start, end)`` as the fetch writes it; raise the fetch's error if it fails."""
+        position, digest = start, self.fetch.digest
+        checked = getattr(self.fetch, "verify", False) and start == 0 and self.size is not None and end == self.size
+        hasher = Hasher(digest.algorithm) if checked else None
+        source = self._follow(start, end)
+        while True:
+            try:
+                async for chunk in source:
+                    position += len(chunk)
+                    if hasher is not None:
+                        hasher.update(chunk)
+                        if position == end and hasher.digest() != digest:
+                            raise UpstreamInvalid(f"the bytes relayed for {digest} do not match it")
+                    yield chunk
+                return
+            except FetchAbandoned:
+                if self.rejoin is None:
+                    raise
+                log.info("the fetch of %s that a request followed stopped; going on from byte %d", digest, position)
+                source = (await self.rejoin()).chunks(position, end)
+
+    async def _follow(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         fetch, position = self.fetch, start
-        fd = fetch.reader()
+        reader = fetch.reader()
         try:
             while end is None or position < end:
                 ready = self._releasable(end)
                 if position < ready:
                     limit = ready if end is None else min(ready, end)
-                    chunk = fetch.read(fd, position, min(CHUNK, limit - position))
+                    chunk = await fetch.read(reader, position, min(CHUNK, limit - position))
                     position += len(chunk)
                     yield chunk
                 elif fetch.error is not None:
@@ -180,7 +205,7 @@ class FetchFollower:
                 else:
                     await fetch.progress()
         finally:
-            os.close(fd)
+            reader.close()
 
     async def settle(self) -> None:
         """Wait until the fetch committed the blob; raise its error if it failed."""
@@ -281,6 +306,7 @@ class Fetcher:
                     await confirm()
                 await fetch.started.wait()
                 return FetchFollower(fetch)
+            rejoin = functools.partial(self.blob, upstream, path, repository, digest, confirm)
             if (size := blobs.stat(digest)) is not None:
                 await confirm()
                 self.store.access.touch(digest)
@@ -290,7 +316,7 @@ class Fetcher:
                 foreign = await self.store.join_fetch(digest)
                 if foreign is not None:
                     await confirm()
-                    return FetchFollower(foreign)
+                    return FetchFollower(foreign, rejoin)
                 continue  # it committed or gave up: look again
             if blobs.stat(digest) is not None:  # committed by another worker just before we took the claim
                 claim.release()
@@ -307,13 +333,18 @@ class Fetcher:
     async def _fetch_blob(self, upstream: Upstream, path: str, fetch: Fetch, claim: FetchClaim) -> None:
         writer = self.store.blobs.writer()
         error: MirrorError | None = UpstreamUnavailable(f"fetch of {fetch.digest} was interrupted")
+
+        def wrote(count: int) -> None:
+            fetch.wrote(count)
+            claim.progress(fetch.written)
+
         try:
             async with self.client(upstream).stream_blob(path, fetch.digest) as stream:
                 fetch.size = stream.size
                 fetch.follow(writer)
-                claim.publish(writer.id, stream.size)
+                claim.publish(writer, stream.size)
                 fetch.started.set()
-                appending = BackgroundAppend(writer, fetch.wrote)
+                appending = BackgroundAppend(writer, wrote)
                 try:
                     async for chunk in stream.aiter():
                         fetch.receive(chunk)
@@ -325,6 +356,10 @@ class Fetcher:
                         fetch.verified()  # clients need not wait for the disk, nor for the commit's fsync
                 finally:
                     await appending.close()
+            await asyncio.to_thread(writer.flush)
+            claim.progress(fetch.written)
+            if fetch.done:
+                claim.verified()
             await asyncio.to_thread(self._make_room, fetch.digest, fetch.written)
             try:
                 await asyncio.to_thread(writer.commit, fetch.digest)

@@ -41,10 +41,9 @@ from mirror.storage.pins import Pins
 
 def run(config: Config, dry_run: bool = False, untagged: bool = False) -> int:
     """``mirror gc``: collect the store of ``config``; print what was (or would be) freed."""
-    root = config.storage.root
-    if not storage.exists(root):
-        raise ConfigError("storage.root", f"there is no store at {root}")
-    store = storage.open(root)
+    if not storage.found(config):
+        raise ConfigError("storage.root", f"there is no store at {config.storage.root}")
+    store = storage.connect(config)
     collector = Collector(Registry(store), store.pins, config.storage.gc_grace, config.storage.upload_expiry)
     report = collector.collect(dry_run=dry_run, untagged=untagged)
     for line in report.lines():

@@ -94,7 +94,7 @@ def run(config: Config, texts: list[str], older_than: float | None = None) -> li
     """Purge ``texts`` (and with ``older_than`` seconds every image unused that long) from the store of ``config``."""
     from mirror.server import build  # the server's wiring, without its listening and signals
 
-    if not storage.exists(config.storage.root):
+    if not storage.found(config):
         raise ConfigError("storage.root", f"there is no store at {config.storage.root}")
 
     async def purge() -> list[Purged]:

@@ -28,7 +28,7 @@ from mirror.errors import (
     TagInvalid,
 )
 from mirror.storage import Store
-from mirror.storage.filesystem import FileBlobWriter
+from mirror.storage.base import BlobWriter
 from mirror.storage.paths import check_name, check_tag
 
 MAX_PAGE = 1000
@@ -132,11 +132,11 @@ class Registry:
             raise BlobUnknown(f"blob {digest} is not in {name}", detail={"digest": str(digest)})
 
     # uploads
-    def start_upload(self, name: str) -> FileBlobWriter:
+    def start_upload(self, name: str) -> BlobWriter:
         """Open a new upload session in ``name``."""
         return self.blobs.writer(repository=check_name(name))
 
-    def resume_upload(self, name: str, session: str) -> FileBlobWriter:
+    def resume_upload(self, name: str, session: str) -> BlobWriter:
         """Reopen upload ``session`` of ``name``."""
         self._check_session(name, session)
         return self.blobs.writer(session)
@@ -146,14 +146,14 @@ class Registry:
         self._check_session(name, session)
         return self.blobs.session_size(session)
 
-    def check_chunk_start(self, writer: FileBlobWriter, start: int | None) -> None:
+    def check_chunk_start(self, writer: BlobWriter, start: int | None) -> None:
         """Refuse a chunk that does not begin where the upload stands."""
         if start is not None and start != writer.size:
             writer.close()
             raise RangeInvalid(f"chunk starts at {start} but the upload holds {writer.size} bytes",
                                detail={"size": writer.size})
 
-    def finish_upload(self, name: str, writer: FileBlobWriter, expected: Digest) -> Digest:
+    def finish_upload(self, name: str, writer: BlobWriter, expected: Digest) -> Digest:
         """Commit ``writer`` as blob ``expected`` and link it into ``name``."""
         digest = writer.commit(expected)
         self.link_pushed(name, digest)

@@ -46,7 +46,7 @@ from mirror.fetch import HIT, MISS, BlobSource, Fetcher, StoredBlob
 from mirror.manifest import OCI_INDEX
 from mirror.reference import RequestName, resolve_name, store_prefix
 from mirror.registry import Registry, StoredManifest
-from mirror.storage.filesystem import FileBlobWriter
+from mirror.storage.base import BlobWriter
 from mirror.storage.paths import TAG_PATTERN
 from mirror.upstream import UpstreamClient
 
@@ -138,10 +138,10 @@ class Repository(Protocol):
     async def referrers(self, subject: Digest) -> Referrers:
         """The manifests referring to ``subject``."""
 
-    def start_upload(self) -> FileBlobWriter:
+    def start_upload(self) -> BlobWriter:
         """Open an upload session."""
 
-    def resume_upload(self, session: str) -> FileBlobWriter:
+    def resume_upload(self, session: str) -> BlobWriter:
         """Reopen upload ``session`` of this repository."""
 
     def upload_size(self, session: str) -> int:
@@ -150,7 +150,7 @@ class Repository(Protocol):
     def cancel_upload(self, session: str) -> None:
         """Abandon upload ``session``."""
 
-    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+    def finish_upload(self, writer: BlobWriter, expected: Digest) -> Digest:
         """Commit the upload as blob ``expected`` and link it here."""
 
     def mount(self, digest: Digest) -> None:
@@ -193,11 +193,11 @@ class Hosted:
         """The referrers recorded here."""
         return Referrers.stored(self.registry, self.name, subject)
 
-    def start_upload(self) -> FileBlobWriter:
+    def start_upload(self) -> BlobWriter:
         """Open an upload session here."""
         return self.registry.start_upload(self.name)
 
-    def resume_upload(self, session: str) -> FileBlobWriter:
+    def resume_upload(self, session: str) -> BlobWriter:
         """Reopen an upload session of this repository."""
         return self.registry.resume_upload(self.name, session)
 
@@ -209,7 +209,7 @@ class Hosted:
         """Abandon an upload session of this repository."""
         self.registry.cancel_upload(self.name, session)
 
-    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+    def finish_upload(self, writer: BlobWriter, expected: Digest) -> Digest:
         """Commit and link the upload."""
         return self.registry.finish_upload(self.name, writer, expected)
 
@@ -395,11 +395,11 @@ class Mirrored:
                               detail={"upstream": self.upstream.name})
         return self._pushes
 
-    def start_upload(self) -> FileBlobWriter:
+    def start_upload(self) -> BlobWriter:
         """Open an upload session (``allow_push`` only)."""
         return self._writes().start_upload()
 
-    def resume_upload(self, session: str) -> FileBlobWriter:
+    def resume_upload(self, session: str) -> BlobWriter:
         """Reopen an upload session (``allow_push`` only)."""
         return self._writes().resume_upload(session)
 
@@ -415,7 +415,7 @@ class Mirrored:
             raise BlobUploadUnknown(f"upload {session[:100]} is not known in {self.name}")
         self._pushes.cancel_upload(session)
 
-    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+    def finish_upload(self, writer: BlobWriter, expected: Digest) -> Digest:
         """Commit and link an upload (``allow_push`` only)."""
         return self._writes().finish_upload(writer, expected)
 
@@ -498,11 +498,11 @@ class DefaultRoute:
         """The referrers of both."""
         return await self.hosted.referrers(subject) | await self.mirrored.referrers(subject)
 
-    def start_upload(self) -> FileBlobWriter:
+    def start_upload(self) -> BlobWriter:
         """Open an upload session in the hosted repository."""
         return self.hosted.start_upload()
 
-    def resume_upload(self, session: str) -> FileBlobWriter:
+    def resume_upload(self, session: str) -> BlobWriter:
         """Reopen an upload session of the hosted repository."""
         return self.hosted.resume_upload(session)
 
@@ -514,7 +514,7 @@ class DefaultRoute:
         """Abandon an upload session of the hosted repository."""
         self.hosted.cancel_upload(session)
 
-    def finish_upload(self, writer: FileBlobWriter, expected: Digest) -> Digest:
+    def finish_upload(self, writer: BlobWriter, expected: Digest) -> Digest:
         """Commit and link an upload into the hosted repository."""
         return self.hosted.finish_upload(writer, expected)
 

@@ -95,7 +95,7 @@ class Appliance:
 
 def build(config: Config, activity: Activity | None = None, metrics: Metrics | None = None) -> Appliance:
     """Open the store and wire the repositories, the upstream fetches and the signature policy for ``config``."""
-    store = storage.open(config.storage.root)
+    store = storage.connect(config)
     registry = Registry(store)
     metrics = metrics or Metrics(store)
     fetcher = Fetcher(config, store, metrics,
@@ -309,7 +309,7 @@ def serve(config: Config, config_path: str | None = None, environ: Mapping[str, 
     keep_freed_chunks()
     environ = environ or {}
     try:  # here, before any worker starts: a store that cannot be used ends the command with one line
-        store = storage.open(config.storage.root)
+        store = storage.connect(config)
     except OSError as exc:
         raise MirrorError(f"cannot open the store {config.storage.root}: {(exc.strerror or str(exc)).lower()}") from exc
     problem = store.writable_problem()

@@ -21,7 +21,6 @@ from mirror.bundle.progress import Progress
 from mirror.digest import Digest
 from mirror.reference import Reference
 from mirror.registry import Registry
-from mirror.storage.pins import Pins
 from tests.images import Blob, Image, Index, build_image, build_index
 from tests.peers import free_port
 
@@ -124,7 +123,7 @@ def test_export_verify_import_round_trip(source, target, keys, tmp_path, capsys)
         for blob in artifact.blobs:
             with registry.open_blob(reference, Digest.parse(blob.digest)) as file:
                 assert file.read() == blob.data
-            assert Pins(target["root"]).is_pinned(Digest.parse(blob.digest))
+            assert storage.open(target["root"]).pins.is_pinned(Digest.parse(blob.digest))
     for image in source["app"].images:
         assert registry.get_manifest("ghcr.io/org/app", image.digest).body == image.manifest.data
     assert not list((target["root"] / "state").glob("imports/*"))

@@ -26,7 +26,7 @@ def test_a_follower_of_a_failed_fetch_does_not_complete_when_another_fetch_commi
     claim = store.claim_fetch(digest)
     writer = store.blobs.writer()
     writer.write(BAD)  # what a corrupt upstream sent; this fetch will fail
-    claim.publish(writer.id, len(GOOD))
+    claim.publish(writer, len(GOOD))
 
     async def follow() -> bytes:
         foreign = await store.join_fetch(digest)

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
+from mirror import storage
 from mirror.digest import Digest
-from mirror.storage.pins import Pins
 from tests.images import build_image, build_index, push
 from tests.peers import DistributionRegistry, MirrorProcess, TokenServer, require, wait_until, write_hosts_toml
 
@@ -230,7 +230,7 @@ def test_eviction_keeps_the_cache_under_its_bound_and_pinned_content(tmp_path, h
         push(mirror.url, "team/app", "1", hosted)
         pinned = images[0].layers[0]  # as a bundle import pins what it brings
         assert client.get(f"/v2/ghcr.io/org/evict0/blobs/{pinned.digest}").status_code == 200
-        Pins(Path(mirror.workdir, "store")).pin(Digest.parse(pinned.digest))
+        storage.open(Path(mirror.workdir, "store")).pins.pin(Digest.parse(pinned.digest))
         for n, image in enumerate(images):
             for blob in image.blobs:
                 assert client.get(f"/v2/ghcr.io/org/evict{n}/blobs/{blob.digest}").status_code == 200

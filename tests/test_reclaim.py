@@ -14,7 +14,7 @@ import pytest
 from mirror import gc, storage
 from mirror.digest import Digest
 from mirror.registry import Registry
-from mirror.storage.paths import Layout
+from mirror.storage.paths import Layout, tag_key
 from tests.consistency import assert_store_consistent
 from tests.images import Image, Index, build_image, build_index, push
 from tests.peers import REPO_ROOT, DistributionRegistry, MirrorProcess, run
@@ -281,7 +281,7 @@ def test_cache_purge_older_than_purges_only_what_was_not_used_that_long(tmp_path
         before = stored(root_of(server))
         ok(cli(server, "prefetch", "ghcr.io/org/old:1"))
         long_ago = time.time() - 3 * DAY  # the tag was written (or revalidated) three days ago
-        os.utime(Layout(root_of(server)).tag("ghcr.io/org/old", "1"), (long_ago, long_ago))
+        os.utime(root_of(server) / tag_key("ghcr.io/org/old", "1"), (long_ago, long_ago))
 
         assert "no cached image unused for 4d" in ok(cli(server, "cache", "purge", "--older-than", "4d"))
         out = ok(cli(server, "cache", "purge", "--older-than", "2d"))

@@ -27,6 +27,7 @@ CODES: dict[type[errors.MirrorError], tuple[str, int]] = {
     errors.TooManyRequests: ("TOOMANYREQUESTS", 429),
     errors.DirectoryUnavailable: ("UNAVAILABLE", 503),
     errors.StoreFull: ("UNKNOWN", 507),
+    errors.StorageUnavailable: ("UNAVAILABLE", 503),
     errors.StorageError: ("UNKNOWN", 500),
     errors.UpstreamUnavailable: ("UNAVAILABLE", 503),
     errors.UpstreamNotFound: ("NAME_UNKNOWN", 404),

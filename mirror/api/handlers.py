@@ -23,7 +23,7 @@ from mirror.manifest import MAX_MANIFEST_SIZE, OCI_INDEX
 from mirror.registry import Page, Registry, StoredManifest, paginate
 from mirror.repository import DefaultRoute, Mirrored, Repositories, Repository
 from mirror.signatures import Policy
-from mirror.storage.filesystem import FileBlobWriter
+from mirror.storage.base import BlobWriter
 
 log = logging.getLogger("mirror.api")
 _BYTE_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
@@ -312,7 +312,7 @@ class UploadHandler(BaseHandler):
     """Blob uploads: POST opens (end-4a/4b, end-11 mount), PATCH appends (end-5), PUT closes (end-6),
     GET reports (end-13), DELETE cancels."""
 
-    writer: FileBlobWriter | None = None
+    writer: BlobWriter | None = None
     failure: errors.MirrorError | None = None
 
     async def prepare(self) -> None:
@@ -451,7 +451,7 @@ class UploadHandler(BaseHandler):
         self.set_header("Content-Length", "0")
         self.finish()
 
-    def _accepted(self, name: str, writer: FileBlobWriter) -> None:
+    def _accepted(self, name: str, writer: BlobWriter) -> None:
         self._session_headers(name, writer.id, writer.size)
         self.set_status(202)
         self.set_header("Content-Length", "0")

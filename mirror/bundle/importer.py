@@ -105,14 +105,13 @@ class Importer:
 
     def run(self, archive: BundleArchive) -> None:
         """Check the base, stage and verify every blob, move them into the store, publish the images."""
-        root = self.config.storage.root
-        opened = storage.open(root) if storage.exists(root) else None
+        opened = storage.connect(self.config) if storage.found(self.config) else None
         missing = [blob for blob in self.blobs
                    if blob.in_base and (opened is None or opened.blobs.stat(blob.digest) != blob.size)]
         if missing:
             raise BundleInvalid(f"the base of this delta is not in the store: {len(missing)} blobs missing: "
                                 + ", ".join(str(blob.digest) for blob in missing))
-        opened = opened or storage.open(root)
+        opened = opened or storage.connect(self.config)
         key = self.bundle_id.hex[:32]
         staging = opened.imports.staging(key)
         read = _reader(opened.blobs, staging)

@@ -11,11 +11,10 @@ from mirror.config import Config
 
 def run(config: Config, output: str) -> int:
     """Write every blob digest of the store of ``config`` to ``output``; return the exit status."""
-    root = config.storage.root
-    if not storage.exists(root):
-        print(f"mirror: the store {root} does not exist", file=sys.stderr)
+    if not storage.found(config):
+        print(f"mirror: the store {config.storage.root} does not exist", file=sys.stderr)
         return 1
-    blobs = tuple(sorted(storage.open(root).blobs.iter(), key=str))
+    blobs = tuple(sorted(storage.connect(config).blobs.iter(), key=str))
     data = Inventory(timestamp(), blobs).to_json()
     if len(data) > MAX_INVENTORY:
         print(f"mirror: an inventory of {len(blobs)} blobs would be {len(data)} bytes, over the {MAX_INVENTORY} byte "

@@ -32,8 +32,7 @@ class Sources:
         self._config = config
         self._clients: dict[str, UpstreamClient] = {}
         self._store_reasons: dict[tuple[str, str], str] = {}  # (name, tag) read from the store -> why
-        root = config.storage.root
-        self._store = Registry(storage.open(root)) if storage.exists(root) else None
+        self._store = Registry(storage.connect(config)) if storage.found(config) else None
 
     def resolve(self, text: str) -> Reference:
         """The image ``text`` names: a hosted repository's when the store holds it there, else a registry's

@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 
 from mirror.digest import Digest
-from mirror.errors import UpstreamUnavailable
-from mirror.storage.filesystem import FileLock, write_atomic
+from mirror.errors import FetchAbandoned
+from mirror.storage.filesystem import FileBlobWriter, FileLock, FileReader, write_atomic
 from mirror.storage.paths import Layout
 
 FOREIGN_POLL = 0.01  # seconds between looks at a fetch another worker process is doing
@@ -47,9 +47,15 @@ class FetchClaim:
         claim.release()
         return False
 
-    def publish(self, session: str, size: int | None) -> None:
+    def publish(self, writer: FileBlobWriter, size: int | None) -> None:
         """Tell the other workers which upload session receives the bytes."""
-        write_atomic(self.note, json.dumps({"session": session, "size": size}).encode(), durable=False)
+        write_atomic(self.note, json.dumps({"session": writer.id, "size": size}).encode(), durable=False)
+
+    def progress(self, written: int) -> None:
+        """Nothing: the other workers see the session file grow."""
+
+    def verified(self) -> None:
+        """Nothing: the other workers know the bytes verified when the file they follow becomes the blob."""
 
     def release(self) -> None:
         """Give the claim up (after the blob was committed or the fetch failed)."""
@@ -86,14 +92,14 @@ class ForeignFetch:
         """Whether the blob is committed (then its bytes are all there and verified)."""
         return self.done
 
-    def reader(self) -> int:
-        """The file descriptor to read from (handed over: the follower closes it)."""
-        return self._fd
+    def reader(self) -> FileReader:
+        """The file the other worker writes (handed over: the follower closes it)."""
+        return FileReader(self._fd)
 
     @staticmethod
-    def read(fd: int, position: int, size: int) -> bytes:
+    async def read(reader: FileReader, position: int, size: int) -> bytes:
         """Up to ``size`` bytes from ``position`` of the file the other worker writes."""
-        return os.pread(fd, size, position)
+        return await reader.read(position, size)
 
     async def progress(self) -> None:
         """Wait a moment and look again at how far the other worker got."""
@@ -107,7 +113,7 @@ class ForeignFetch:
         if not committed and not FetchClaim.held(self.layout, self.digest):
             committed = self._committed()
             if not committed:  # gave up, or failed and another fetch committed the blob from other bytes
-                self.error = UpstreamUnavailable(f"the worker fetching {self.digest} gave up")
+                self.error = FetchAbandoned(f"the worker fetching {self.digest} gave up")
         self.available = os.fstat(self._fd).st_size
         self.done = committed  # committed, hence verified: the file we follow is the blob now
 

@@ -20,7 +20,7 @@ import os
 import tempfile
 import threading
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from queue import SimpleQueue
 from typing import BinaryIO
@@ -161,6 +161,25 @@ def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
     return hasher
 
 
+class FileReader:
+    """Random access to a file's bytes through its descriptor, owned until ``close``."""
+
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    async def read(self, position: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``position`` (a local read: done on the event loop)."""
+        return os.pread(self.fd, size, position)
+
+    def dup(self) -> FileReader:
+        """Another reader of the same file, closed on its own."""
+        return FileReader(os.dup(self.fd))
+
+    def close(self) -> None:
+        """Close the descriptor."""
+        os.close(self.fd)
+
+
 class FileBlobWriter:
     """A resumable upload backed by ``uploads/<session>/data``, holding the session's ``lock`` until ``close``,
     ``commit`` or ``cancel``: the only writer of the session meanwhile."""
@@ -196,9 +215,12 @@ class FileBlobWriter:
             raise storage_error(exc) from exc
         self.size += len(data)
 
-    def follow(self) -> int:
-        """A read-only file descriptor of the session's bytes, for readers following the writes."""
-        return os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+    def flush(self) -> None:
+        """Nothing: every appended byte is in the file already, where readers see it."""
+
+    def reader(self) -> FileReader:
+        """Random access to the session's bytes, for readers following the writes."""
+        return FileReader(os.open(self.path, os.O_RDONLY | os.O_CLOEXEC))
 
     def close(self) -> None:
         """Flush, let the session's lock go and keep the session for a later request (nothing once the writer is
@@ -382,12 +404,27 @@ class FilesystemBlobStore:
             file.seek(offset)
         return file
 
-    def open_fd(self, digest: Digest) -> int:
-        """A read-only file descriptor of the blob (the caller closes it); raise BlobUnknown when absent."""
+    def reader(self, digest: Digest) -> FileReader:
+        """Random access to the blob's bytes (the caller closes it); raise BlobUnknown when absent."""
         try:
-            return os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC)
+            return FileReader(os.open(self.layout.blob(digest), os.O_RDONLY | os.O_CLOEXEC))
         except OSError as exc:
             raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)}) from exc
+
+    async def chunks(self, digest: Digest, start: int, end: int) -> AsyncIterator[bytes]:
+        """The bytes ``[start, end)`` of the blob, chunk by chunk (local reads: on the event loop)."""
+        remaining = end - start
+        with self.open(digest, start) as file:
+            while remaining > 0 and (chunk := file.read(min(CHUNK, remaining))):
+                remaining -= len(chunk)
+                yield chunk
+
+    def adopt(self, path: Path, digest: Digest) -> None:
+        """Move the verified file ``path`` in as blob ``digest`` by a link, never over the blob already there."""
+        try:
+            publish(path, self.layout.blob(digest))
+        except OSError as exc:
+            raise storage_error(exc) from exc
 
     def read(self, digest: Digest) -> bytes:
         """The whole blob; for small blobs such as manifests and configs."""

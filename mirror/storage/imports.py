@@ -8,26 +8,27 @@ import time
 from pathlib import Path
 
 from mirror.digest import Digest
-from mirror.storage.filesystem import FilesystemBlobStore, publish
+from mirror.storage.base import BlobStore
+from mirror.storage.filesystem import FilesystemBlobStore
 from mirror.storage.paths import Layout
 
 
 class Imports:
     """The staging stores of one store's bundle imports, each named by a key (32 hex digits)."""
 
-    def __init__(self, root: Path):
-        self.layout = Layout(root)
+    def __init__(self, root: Path, blobs: BlobStore):
+        self.layout, self.blobs = Layout(root), blobs
 
     def staging(self, key: str) -> FilesystemBlobStore:
         """The staging blob store of the import ``key`` (created, or as an earlier run left it)."""
         return FilesystemBlobStore(self.layout.import_staging(key))
 
     def promote(self, staging: FilesystemBlobStore, digest: Digest) -> None:
-        """Move verified blob ``digest`` from ``staging`` into the store by a link (atomic, no copy, never over
-        a blob the store has); nothing when ``staging`` does not hold it."""
+        """Move verified blob ``digest`` from ``staging`` into the store (never over a blob the store has: on local
+        disk by a link, atomic and without a copy); nothing when ``staging`` does not hold it."""
         source = staging.layout.blob(digest)
         if source.exists():
-            publish(source, self.layout.blob(digest))
+            self.blobs.adopt(source, digest)
 
     def discard(self, key: str) -> None:
         """Delete the staging store of the import ``key``."""

@@ -63,6 +63,7 @@ QUEUE_ENTRY_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f-]{36}\.json")
 REGISTRY_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 HOLDER_PATTERN = re.compile(r"[a-f0-9]{32}|legacy")
 MAX_NAME_LENGTH = 255
+PINS, PIN_HOLDERS, GC_MARKS = "state/pinned", "state/pin-holders", "state/gc-marks"
 
 
 def check_name(name: str) -> str:
@@ -95,8 +96,6 @@ class Layout:
         self.uploads = self.root / "uploads"
         self.repositories = self.root / "repositories"
         self.state = self.root / "state"
-        self.pins = self.state / "pinned"
-        self.pin_holders = self.state / "pin-holders"
         self.pins_v2 = self.state / "pins"
         self.trash = self.state / "gc-trash"
         self.cache_index = self.state / "cache-index"
@@ -105,7 +104,6 @@ class Layout:
         self.queue_lock = self.queues / ".sender.lock"
         self.fetching = self.state / "fetching"
         self.imports = self.state / "imports"
-        self.origins = self.state / "origins"
         self.version = self.root / "layout-version"
 
     def blob(self, digest: Digest) -> Path:
@@ -114,65 +112,12 @@ class Layout:
 
     def session(self, session: str) -> Path:
         """The folder of an upload or fetch session."""
-        if not SESSION_PATTERN.fullmatch(session):
-            raise BlobUploadUnknown(f"unknown upload {session[:100]!r}")
-        return self.uploads / session
-
-    def repository(self, name: str) -> Path:
-        """The metadata folder of repository ``name``."""
-        return Path(self._repository(name))
-
-    @functools.lru_cache(maxsize=4096)  # noqa: B019 - one Layout per store, kept for the process's life
-    def _repository(self, name: str) -> str:
-        # Paths on the request path are built as strings: pathlib's joins cost more than the I/O they prepare.
-        return f"{self.repositories}/{check_name(name)}"
-
-    def blob_link(self, name: str, digest: Digest) -> Path:
-        """The file whose presence lets ``name`` serve blob ``digest``."""
-        return Path(f"{self._repository(name)}/_blobs/{digest.algorithm}/{digest.hex}")
-
-    def manifest_link(self, name: str, digest: Digest) -> Path:
-        """The file that records manifest ``digest`` in ``name`` with its media type."""
-        return Path(f"{self._repository(name)}/_manifests/{digest.algorithm}/{digest.hex}")
-
-    def manifests(self, name: str) -> Path:
-        """The folder of manifest links of ``name``."""
-        return self.repository(name) / "_manifests"
-
-    def tags(self, name: str) -> Path:
-        """The folder of tags of ``name``."""
-        return self.repository(name) / "_tags"
-
-    def tag(self, name: str, tag: str) -> Path:
-        """The file that holds the digest tag ``tag`` of ``name`` points at."""
-        return Path(f"{self._repository(name)}/_tags/{check_tag(tag)}")
-
-    def tag_list(self, name: str) -> Path:
-        """The file that keeps the tag list the upstream of mirrored repository ``name`` last gave."""
-        return Path(f"{self._repository(name)}/_tag-list.json")
+        return self.root / upload_key(session)
 
     def fetch_claim(self, digest: Digest) -> tuple[Path, Path]:
         """The lock file and the session note of a pull-through fetch of ``digest``."""
         stem = self.fetching / f"{digest.algorithm}-{digest.hex}"
         return stem.with_suffix(".lock"), stem.with_suffix(".json")
-
-    def pins_of(self, digest: Digest) -> Path:
-        """The folder of the holders pinning ``digest``."""
-        return Path(f"{self.pins}/{digest.algorithm}/{digest.hex}")
-
-    def pin(self, digest: Digest, holder: str) -> Path:
-        """The file whose presence says ``holder`` pins ``digest`` against eviction and gc."""
-        return self.pins_of(digest) / check_holder(holder)
-
-    def pin_holder(self, holder: str) -> Path:
-        """The record of ``holder``: what holds its pins and which digests it pins."""
-        return self.pin_holders / check_holder(holder)
-
-    def origin(self, registry: str, digest: Digest) -> Path:
-        """The file whose presence says blob ``digest`` was fetched from ``registry`` (store form)."""
-        if not REGISTRY_PATTERN.fullmatch(registry):
-            raise StorageError(f"invalid registry {registry[:100]!r}")
-        return Path(f"{self.origins}/{registry}/{digest.algorithm}/{digest.hex}")
 
     def trashed(self, digest: Digest) -> Path:
         """Where the garbage collector keeps blob ``digest`` between unpublishing and deleting it."""
@@ -206,10 +151,84 @@ class Layout:
             raise StorageError(f"invalid probe token {token[:100]!r}")
         return self.state / f".ready-{token}"
 
-    def referrers(self, name: str, subject: Digest) -> Path:
-        """The folder of referrer descriptors of ``subject`` in ``name``."""
-        return self.repository(name) / "_referrers" / subject.algorithm / subject.hex
 
-    def referrer(self, name: str, subject: Digest, digest: Digest) -> Path:
-        """The descriptor file of referrer ``digest`` of ``subject`` in ``name``."""
-        return self.referrers(name, subject) / f"{digest.algorithm}-{digest.hex}"
+# Keys of the objects every kind of store holds (``objects.py``): paths relative to the store root on local disk,
+# object keys below the prefix in a bucket.
+@functools.lru_cache(maxsize=4096)
+def repository_key(name: str) -> str:
+    """The folder of repository ``name``'s metadata."""
+    return f"repositories/{check_name(name)}"
+
+
+def blob_key(digest: Digest) -> str:
+    """Where the bytes of blob ``digest`` live."""
+    return f"blobs/{digest.algorithm}/{digest.hex[:2]}/{digest.hex}"
+
+
+def blob_link_key(name: str, digest: Digest) -> str:
+    """The object whose presence lets ``name`` serve blob ``digest``."""
+    return f"{repository_key(name)}/_blobs/{digest.algorithm}/{digest.hex}"
+
+
+def manifest_link_key(name: str, digest: Digest) -> str:
+    """The object that records manifest ``digest`` in ``name`` with its media type."""
+    return f"{repository_key(name)}/_manifests/{digest.algorithm}/{digest.hex}"
+
+
+def tag_key(name: str, tag: str) -> str:
+    """The object that holds the digest tag ``tag`` of ``name`` points at."""
+    return f"{repository_key(name)}/_tags/{check_tag(tag)}"
+
+
+def tag_list_key(name: str) -> str:
+    """The object that keeps the tag list the upstream of mirrored repository ``name`` last gave."""
+    return f"{repository_key(name)}/_tag-list.json"
+
+
+def referrers_key(name: str, subject: Digest) -> str:
+    """The folder of referrer descriptors of ``subject`` in ``name``."""
+    return f"{repository_key(name)}/_referrers/{subject.algorithm}/{subject.hex}"
+
+
+def referrer_key(name: str, subject: Digest, digest: Digest) -> str:
+    """The descriptor of referrer ``digest`` of ``subject`` in ``name``."""
+    return f"{referrers_key(name, subject)}/{digest.algorithm}-{digest.hex}"
+
+
+def pins_key(digest: Digest) -> str:
+    """The folder of the holders pinning ``digest``."""
+    return f"{PINS}/{digest.algorithm}/{digest.hex}"
+
+
+def pin_key(digest: Digest, holder: str) -> str:
+    """The object whose presence says ``holder`` pins ``digest`` against eviction and gc."""
+    return f"{pins_key(digest)}/{check_holder(holder)}"
+
+
+def pin_holder_key(holder: str) -> str:
+    """The record of ``holder``: what holds its pins and which digests it pins."""
+    return f"{PIN_HOLDERS}/{check_holder(holder)}"
+
+
+def origin_key(registry: str, digest: Digest) -> str:
+    """The object whose presence says blob ``digest`` was fetched from ``registry`` (store form)."""
+    if not REGISTRY_PATTERN.fullmatch(registry):
+        raise StorageError(f"invalid registry {registry[:100]!r}")
+    return f"state/origins/{registry}/{digest.algorithm}/{digest.hex}"
+
+
+def gc_mark_key(digest: Digest) -> str:
+    """The object that marks blob ``digest`` as a garbage collection candidate on object storage."""
+    return f"{GC_MARKS}/{digest.algorithm}/{digest.hex}"
+
+
+def upload_part_key(session: str, offset: int) -> str:
+    """The object holding the bytes of upload ``session`` from ``offset`` on object storage."""
+    return f"{upload_key(session)}/{offset:016d}"
+
+
+def upload_key(session: str) -> str:
+    """The folder of upload ``session`` (its repository record and its parts on object storage)."""
+    if not SESSION_PATTERN.fullmatch(session):
+        raise BlobUploadUnknown(f"unknown upload {session[:100]!r}")
+    return f"uploads/{session}"

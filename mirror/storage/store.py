@@ -26,23 +26,32 @@ A store of a newer version than this code knows is refused rather than misread.
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import hmac
 import shutil
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mirror import manifest as manifests
 from mirror.digest import Digest
 from mirror.errors import MirrorError, StorageError
 from mirror.storage.access import AccessIndex
+from mirror.storage.base import BlobStore
 from mirror.storage.fetching import FetchClaim, ForeignFetch
 from mirror.storage.filesystem import FilesystemBlobStore, digests_in, storage_error, write_atomic, write_once
 from mirror.storage.imports import Imports
 from mirror.storage.metadata import Metadata
-from mirror.storage.paths import Layout
+from mirror.storage.objects import FileObjects, Objects
+from mirror.storage.paths import SECRET_PATTERN, Layout
 from mirror.storage.pins import Pins
 from mirror.storage.queue import Queues
+
+if TYPE_CHECKING:
+    from mirror.config import Config
+    from mirror.storage.coordination import Coordination
 
 LAYOUT_VERSION = 3
 
@@ -58,36 +67,66 @@ class StoreStats:
 
 
 class Store:
-    """Everything one store root holds, each part behind its own small interface."""
+    """Everything one store holds, each part behind its own small interface: on local disk under ``root``, or in
+    a bucket (``s3.py``) with ``root`` as local scratch space for import staging and event queues."""
 
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, objects: Objects | None = None, blobs: BlobStore | None = None,
+                 coordination: Coordination | None = None, secret: str | None = None):
         self._layout = Layout(root)
-        self.blobs = FilesystemBlobStore(root)
-        self.metadata = Metadata(root)
-        self.pins = Pins(root)
-        self.imports = Imports(root)
+        self.objects = objects or FileObjects(root)
+        self.blobs = blobs or FilesystemBlobStore(root)
+        self.metadata = Metadata(self.objects)
+        self.pins = Pins(self.objects)
+        self.imports = Imports(root, self.blobs)
         self.queues = Queues(root)
+        self.coordination = coordination
+        self._shared_secret = secret
         self._access: AccessIndex | None = None
 
     @property
+    def shared(self) -> bool:
+        """Whether the store lives in a bucket that other instances may share."""
+        return not isinstance(self.objects, FileObjects)
+
+    @property
     def access(self) -> AccessIndex:
-        """The access index of pull-through blobs (opened on first use: most commands never need it)."""
+        """The access index of pull-through blobs (opened on first use: most commands never need it): in Redis
+        when instances coordinate, else on local disk."""
         if self._access is None:
-            self._access = AccessIndex(self._layout.cache_index)
-        return self._access
+            if self.coordination is not None:
+                from mirror.storage.coordination import SharedAccessIndex
+                self._access = SharedAccessIndex(self.coordination)  # type: ignore[assignment]
+            else:
+                self._access = AccessIndex(self._layout.cache_index)
+        return self._access  # type: ignore[return-value]
 
     def claim_fetch(self, digest: Digest) -> FetchClaim | None:
-        """This process's claim to fetch blob ``digest`` from upstream, or None while another process holds one."""
+        """This process's claim to fetch blob ``digest`` from upstream, or None while another process (or
+        instance) holds one."""
+        if self.shared:
+            from mirror.storage.sharing import SharedFetchClaim
+            return SharedFetchClaim.take(self, digest)  # type: ignore[return-value]
         return FetchClaim.take(self._layout, digest)
 
     async def join_fetch(self, digest: Digest) -> ForeignFetch | None:
-        """Follow the fetch of ``digest`` that another process claimed, once it named its upload session; None
-        when that process let go first."""
+        """Follow the fetch of ``digest`` that another process (or instance) claimed, once it named its upload
+        session; None when that process let go first."""
+        if self.shared:
+            from mirror.storage.sharing import SharedForeignFetch
+            return await SharedForeignFetch.join(self, digest)  # type: ignore[return-value]
         return await ForeignFetch.join(self._layout, digest)
 
     def secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
-        """Secret ``name`` (readable by this user only), made by ``generate()`` the first time it is asked for;
-        of processes asking at once, all get the one that was stored first."""
+        """Secret ``name``: derived from the configured ``secret`` (the same on every instance), else made by
+        ``generate()`` the first time it is asked for and kept in the store (readable by this user only); of
+        processes asking at once, all get the one that was stored first."""
+        if not SECRET_PATTERN.fullmatch(name):
+            raise StorageError(f"invalid secret name {name[:100]!r}")
+        if self._shared_secret is not None:
+            return derived_secret(self._shared_secret, name)
+        if self.shared:
+            from mirror.storage.s3 import kept_secret
+            return kept_secret(self.blobs.bucket, name, generate)  # type: ignore[attr-defined]
         path = self._layout.secret(name)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -99,6 +138,9 @@ class Store:
 
     def writable_problem(self) -> str | None:
         """Why the store cannot take writes now (naming no path), or None when a file could be made and removed."""
+        if self.shared:
+            from mirror.storage.s3 import probe
+            return probe(self.blobs.bucket)  # type: ignore[attr-defined]
         probe = self._layout.probe(uuid.uuid4().hex)
         try:
             probe.parent.mkdir(parents=True, exist_ok=True)
@@ -133,13 +175,49 @@ class Store:
         return StoreStats(len(sizes), sum(sizes), len(pinned), sum(pinned))
 
     def close(self) -> None:
-        """Release the access index."""
+        """Release the access index and the coordination."""
         if self._access is not None:
             self._access.close()
             self._access = None
+        if self.coordination is not None:
+            self.coordination.close()
 
 
-def open(root: Path | str) -> Store:  # noqa: A001 - ``storage.open`` is the one way to open a store
+def connect(config: Config) -> Store:
+    """Open the store ``config`` names: in its bucket when ``storage.s3`` is set, else on local disk; with
+    ``redis``, coordinated with the other instances."""
+    coordination = None
+    if config.redis is not None:
+        from mirror.storage.coordination import Coordination
+        coordination = Coordination(config.redis)
+    if config.storage.s3 is None:
+        return open(config.storage.root, coordination, config.secret)
+    from mirror.storage import s3
+    bucket = s3.Bucket(config.storage.s3)
+    version = s3.layout_version(bucket)
+    if version is not None and (version > LAYOUT_VERSION or version < 0):
+        raise StorageError(f"the bucket {bucket.name} has layout version {version}; this mirror knows up to "
+                           f"{LAYOUT_VERSION}: upgrade the mirror")
+    if version is None:
+        bucket.put("layout-version", f"{LAYOUT_VERSION}\n".encode())
+    signing = (derived_secret(config.secret, "upload.key") if config.secret is not None
+               else s3.kept_secret(bucket, "upload.key", lambda: uuid.uuid4().bytes * 2))
+    return Store(Path(config.storage.root), s3.S3Objects(bucket), s3.S3BlobStore(bucket, signing),
+                 coordination, config.secret)
+
+
+def derived_secret(secret: str, name: str) -> bytes:
+    """Secret ``name`` derived from the configured ``secret``: the same on every instance that shares it."""
+    return hmac.new(secret.encode(), name.encode(), hashlib.sha256).digest()
+
+
+def found(config: Config) -> bool:
+    """Whether the store ``config`` names was ever opened (a bucket store always counts as found)."""
+    return config.storage.s3 is not None or exists(config.storage.root)
+
+
+def open(root: Path | str, coordination: Coordination | None = None,  # noqa: A001 - the way to open a local store
+         secret: str | None = None) -> Store:
     """Open (creating or migrating as needed) the store at ``root``."""
     layout = Layout(Path(root))
     fresh = not layout.blobs.is_dir()
@@ -147,7 +225,7 @@ def open(root: Path | str) -> Store:  # noqa: A001 - ``storage.open`` is the one
     if version > LAYOUT_VERSION:
         raise StorageError(f"the store {layout.root} has layout version {version}; this mirror knows up to "
                            f"{LAYOUT_VERSION}: upgrade the mirror")
-    store = Store(layout.root)
+    store = Store(layout.root, coordination=coordination, secret=secret)
     if version < 2:
         _unlink_unfounded_blob_links(store)
     if version < 3:

@@ -1,0 +1,148 @@
+"""Coordination of pull-through fetches between the instances that share one bucket, through Redis.
+
+The instance fetching a blob holds the Redis claim ``fetch:<digest>`` (``SharedFetchClaim``), heartbeated while
+its process lives, and publishes in it its upload session, the blob's size, how many bytes are in part objects
+already and, once the digest checked out, that they are verified. Clients of other instances follow those part
+objects as they appear (``SharedForeignFetch``) instead of asking the upstream again. When the fetching instance
+dies its claim expires: followers then report ``FetchAbandoned`` and the fetcher makes one of them fetch anew.
+
+Without Redis a claim is this process's alone and nobody follows from elsewhere: each instance (and worker)
+then fetches for itself (degraded: more upstream requests, never wrong bytes).
+"""
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import TYPE_CHECKING, Any
+
+from mirror.digest import Digest
+from mirror.errors import FetchAbandoned
+from mirror.storage.s3 import list_parts, read_parts
+
+if TYPE_CHECKING:
+    from mirror.storage.coordination import Claim
+    from mirror.storage.s3 import S3BlobWriter
+    from mirror.storage.store import Store
+
+CLAIM_TTL = 6.0  # seconds a dead instance's claim outlives it
+POLL = 0.05  # seconds between looks at a fetch another instance is doing
+_LOCAL: set[Digest] = set()  # claims of this process while there is no Redis
+_LOCAL_LOCK = threading.Lock()
+
+
+def _key(digest: Digest) -> str:
+    return f"fetch:{digest}"
+
+
+class SharedFetchClaim:
+    """This instance's exclusive right to fetch a blob, published in Redis for the other instances."""
+
+    def __init__(self, digest: Digest, claim: Claim | None):
+        self.digest, self._claim = digest, claim
+        self._info: dict[str, Any] = {}
+        self._writer: S3BlobWriter | None = None
+
+    @classmethod
+    def take(cls, store: Store, digest: Digest) -> SharedFetchClaim | None:
+        """The claim on ``digest``, or None while another process or instance holds it."""
+        if store.coordination is not None:
+            claim = store.coordination.claim(_key(digest), {}, ttl=CLAIM_TTL)
+            return None if claim is None else cls(digest, claim)
+        with _LOCAL_LOCK:
+            if digest in _LOCAL:
+                return None
+            _LOCAL.add(digest)
+        return cls(digest, None)
+
+    def publish(self, writer: S3BlobWriter, size: int | None) -> None:
+        """Name the upload session receiving the bytes."""
+        self._writer = writer
+        self._update(session=writer.id, size=size, flushed=0, verified=False)
+
+    def progress(self, written: int) -> None:
+        """Publish how many bytes the other instances can read from part objects now."""
+        if self._writer is not None and self._writer.flushed != self._info.get("flushed"):
+            self._update(flushed=self._writer.flushed)
+
+    def verified(self) -> None:
+        """Publish that the bytes checked out: followers may release every byte."""
+        self._update(verified=True)
+
+    def _update(self, **changes: Any) -> None:
+        self._info = {**self._info, **changes}
+        if self._claim is not None:
+            self._claim.update(self._info)
+
+    def release(self) -> None:
+        """Give the claim up (after the blob was committed or the fetch failed)."""
+        if self._claim is not None:
+            self._claim.release()
+        else:
+            with _LOCAL_LOCK:
+                _LOCAL.discard(self.digest)
+
+
+class SharedForeignFetch:
+    """A fetch another instance is doing, followed through its part objects in the bucket."""
+
+    def __init__(self, store: Store, digest: Digest, info: dict[str, Any]):
+        self.store, self.digest = store, digest
+        self.session: str = info["session"]
+        self.size: int | None = info.get("size")
+        self.available, self.done, self.error = 0, False, None
+        self.verify = True  # bytes come from another process: the follower checks what it sends, whole
+        self._parts: list[tuple[int, int]] = []
+        self._update(info)
+
+    @classmethod
+    async def join(cls, store: Store, digest: Digest) -> SharedForeignFetch | None:
+        """Follow the fetch of ``digest`` once its holder published its session; None when nobody holds it."""
+        if store.coordination is None:
+            return None
+        while True:
+            info = await asyncio.to_thread(store.coordination.holder, _key(digest))
+            if info is None:
+                return None
+            if info.get("session"):
+                return cls(store, digest, info)
+            await asyncio.sleep(POLL)
+
+    @property
+    def finished(self) -> bool:
+        """Whether every byte is verified."""
+        return self.done
+
+    def reader(self) -> SharedForeignFetch:
+        """Itself: reads go to the part objects, or to the blob once they are gone."""
+        return self
+
+    def close(self) -> None:
+        """Nothing to release."""
+
+    async def read(self, reader: SharedForeignFetch, position: int, size: int) -> bytes:
+        """Up to ``size`` bytes from ``position``."""
+        return await asyncio.to_thread(self._read, position, size)
+
+    def _read(self, position: int, size: int) -> bytes:
+        bucket = self.store.blobs.bucket  # type: ignore[attr-defined]
+        if not any(offset <= position < offset + length for offset, length in self._parts):
+            self._parts = list_parts(bucket, self.session)
+        data = read_parts(bucket, self.session, self._parts, position, size)
+        if not data and self.store.blobs.stat(self.digest) is not None:  # committed: the parts are gone
+            data = self.store.blobs.read_range(self.digest, position, size)  # type: ignore[attr-defined]
+        return data
+
+    async def progress(self) -> None:
+        """Wait a moment and look again at how far the other instance got."""
+        await asyncio.sleep(POLL)
+        coordination = self.store.coordination
+        info = await asyncio.to_thread(coordination.holder, _key(self.digest)) if coordination else None
+        if info is not None and info.get("session") == self.session:
+            self._update(info)
+        elif not self.done:
+            self.error = FetchAbandoned(f"the instance fetching {self.digest} stopped before it was verified")
+
+    def _update(self, info: dict[str, Any]) -> None:
+        self.available = max(self.available, int(info.get("flushed") or 0))
+        if info.get("verified") and self.size is not None and self.available >= self.size:
+            self.done = True
