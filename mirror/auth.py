@@ -444,14 +444,21 @@ class Auth:
 
 def signing_key(store: Store) -> Ed25519PrivateKey:
     """The token signing key, the store's secret ``token.key``, generated when there is none yet (worker
-    processes starting together all get the one that was stored first)."""
+    processes starting together all get the one that was stored first); with a configured ``secret``, the 32
+    bytes derived from it are the key's seed, so every instance signs and checks with the same key."""
+    material = store.secret(KEY_FILE, _new_key)
+    if len(material) == SEED_SIZE:
+        return Ed25519PrivateKey.from_private_bytes(material)
     try:
-        key = serialization.load_pem_private_key(store.secret(KEY_FILE, _new_key), password=None)
+        key = serialization.load_pem_private_key(material, password=None)
     except ValueError as exc:
         raise StorageError(f"the store's token signing key {KEY_FILE} cannot be loaded: {exc}") from exc
     if not isinstance(key, Ed25519PrivateKey):
         raise StorageError(f"the store's token signing key {KEY_FILE} is not an Ed25519 private key")
     return key
+
+
+SEED_SIZE = 32  # bytes of an Ed25519 private key's seed
 
 
 def _new_key() -> bytes:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
+import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -34,6 +35,7 @@ from mirror.metrics import Metrics
 from mirror.reference import store_prefix
 from mirror.storage import Store
 from mirror.storage.base import BlobWriter, Reader
+from mirror.storage.coordination import Coordination
 from mirror.storage.fetching import FetchClaim, ForeignFetch
 from mirror.storage.filesystem import CHUNK, BackgroundAppend
 from mirror.upstream import UpstreamClient
@@ -52,6 +54,10 @@ class BlobSource(Protocol):
     size: int | None
     origin: str
 
+    @property
+    def redirect(self) -> str | None:
+        """A URL the client may fetch the bytes from instead (object storage's presigned URL), or None."""
+
     def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """The bytes in ``[start, end)`` (to the end when ``end`` is None)."""
 
@@ -64,6 +70,11 @@ class StoredBlob:
 
     def __init__(self, store: Store, digest: Digest, size: int, origin: str = HOSTED):
         self.store, self.digest, self.size, self.origin = store, digest, size, origin
+
+    @property
+    def redirect(self) -> str | None:
+        """The store's direct URL of the blob, when it gives them out."""
+        return self.store.blob_url(self.digest)
 
     async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """Read the stored blob chunk by chunk."""
@@ -158,6 +169,7 @@ class FetchFollower:
     """
 
     origin = MISS
+    redirect = None  # the bytes are not in the store yet
 
     def __init__(self, fetch: Fetch | ForeignFetch, rejoin: Callable[[], Awaitable[BlobSource]] | None = None):
         if fetch.error is not None:
@@ -196,6 +208,8 @@ class FetchFollower:
                 if position < ready:
                     limit = ready if end is None else min(ready, end)
                     chunk = await fetch.read(reader, position, min(CHUNK, limit - position))
+                    if not chunk:  # the bytes went away under us (another instance's parts, once it committed)
+                        raise FetchAbandoned(f"the bytes of {fetch.digest} from {position} are gone")
                     position += len(chunk)
                     yield chunk
                 elif fetch.error is not None:
@@ -244,6 +258,21 @@ class Marks:
         self._until[key] = now + self.seconds
 
 
+class SharedMarks:
+    """Keys remembered for ``seconds`` by every instance (in Redis; by this process while Redis is away)."""
+
+    def __init__(self, coordination: Coordination, kind: str, seconds: float):
+        self.coordination, self.kind, self.seconds = coordination, kind, seconds
+
+    def __contains__(self, key: Hashable) -> bool:
+        """Whether any instance remembered ``key`` less than ``seconds`` ago."""
+        return self.coordination.marked(f"{self.kind}:{key!r}")
+
+    def add(self, key: Hashable) -> None:
+        """Remember ``key`` for ``seconds`` from now, for every instance."""
+        self.coordination.mark(f"{self.kind}:{key!r}", self.seconds)
+
+
 class Fetcher:
     """The upstream clients and every fetch in flight in this process: blobs, manifests, known misses, stale tags."""
 
@@ -255,8 +284,26 @@ class Fetcher:
             client.health.watch(metrics.upstream_up.labels(name).set)
         self._fetches: dict[Digest, Fetch] = {}
         self._singles: dict[Hashable, asyncio.Future] = {}
-        self._missing = Marks(NEGATIVE_TTL)
+        coordination = store.coordination
+        self._missing = Marks(NEGATIVE_TTL) if coordination is None else SharedMarks(coordination, "missing",
+                                                                                      NEGATIVE_TTL)
         self._stale = Marks(STALE_RETRY)
+        if coordination is not None:
+            coordination.watch(self._redis_changed)
+
+    def _redis_changed(self, up: bool) -> None:
+        """Show whether Redis answers; once it does, refill the shared access index if Redis lost it (on a
+        thread of its own: it may walk the whole store)."""
+        self.metrics.redis_up.set(int(up))
+        if up:
+            threading.Thread(target=self._rebuild_access_index, name="rebuild-access-index", daemon=True).start()
+
+    def _rebuild_access_index(self) -> None:
+        try:
+            if rebuilt := self.store.rebuild_access_index():
+                log.info("rebuilt the shared access index from the store: %d cached blobs", rebuilt)
+        except MirrorError as exc:
+            log.warning("cannot rebuild the shared access index: %s", exc.message)
 
     def client(self, upstream: Upstream) -> UpstreamClient:
         """The client of ``upstream``."""
@@ -398,6 +445,13 @@ class Fetcher:
         limit = self.config.storage.max_cache_size
         if limit is None:
             return 0
+        if self.store.coordination is None:
+            return self._evict(limit, incoming)
+        self.store.rebuild_access_index()  # nothing unless Redis lost it, e.g. restarted without persistence
+        with self.store.coordination.exclusive("evict") as held:  # one instance at a time; the others go on
+            return self._evict(limit, incoming) if held else 0
+
+    def _evict(self, limit: int, incoming: int) -> int:
         index = self.store.access
         total = index.total() + incoming
         if total <= limit:

@@ -45,7 +45,12 @@ def run(config: Config, dry_run: bool = False, untagged: bool = False) -> int:
         raise ConfigError("storage.root", f"there is no store at {config.storage.root}")
     store = storage.connect(config)
     collector = Collector(Registry(store), store.pins, config.storage.gc_grace, config.storage.upload_expiry)
-    report = collector.collect(dry_run=dry_run, untagged=untagged)
+    coordination = store.coordination
+    with coordination.exclusive("gc") if coordination else contextlib.nullcontext(True) as held:
+        if not held:  # one collector at a time over a store that instances share
+            raise MirrorError("another mirror gc is collecting this store now; try again when it is done")
+        report = collector.collect(dry_run=dry_run, untagged=untagged)
+    store.close()
     for line in report.lines():
         print(line)
     return 0

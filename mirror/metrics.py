@@ -101,6 +101,9 @@ class Metrics:
         self.upstream_up = Gauge("mirror_upstream_up", "Whether an upstream is up (1), or down (0): its requests "
                                  "fail at once until it answers a retry", ["upstream"], multiprocess_mode="livemin",
                                  **metric)
+        self.redis_up = Gauge("mirror_redis_up", "Whether Redis answers (1) or not (0): while it does not, instances "
+                              "fetch on their own and the shared LRU index is not updated", multiprocess_mode="livemin",
+                              **metric)
         self.dropped = Counter("mirror_notification_events_dropped", "Notification events dropped, oldest first, "
                                "from the full queue of an endpoint that is down", ["endpoint"], **metric)
         self.signature_decisions = Counter("mirror_signature_decisions", "Manifest GETs the signature policy "

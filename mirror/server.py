@@ -182,7 +182,7 @@ class Service:
         for timer in timers:
             timer.start()
         config = self.appliance.config
-        log.info("serving %s from %s (config: %s)", config.listen, config.storage.root, config.source)
+        log.info("serving %s from %s (config: %s)", config.listen, storage.location(config), config.source)
         self.notifier.ready(f"serving {config.listen}")
         await self.stopping.wait()
         self.notifier.stopping()
@@ -206,7 +206,9 @@ class Service:
             config = load(self.config_path, self.environ)
             old = self.appliance.config
             for key, before, after in (("listen", old.listen, config.listen), ("workers", old.workers, config.workers),
-                                       ("storage.root", old.storage.root, config.storage.root)):
+                                       ("storage.root", old.storage.root, config.storage.root),
+                                       ("storage.s3", old.storage.s3, config.storage.s3),
+                                       ("redis", old.redis, config.redis), ("secret", old.secret, config.secret)):
                 if before != after:
                     raise ConfigError(key, "cannot change on reload; restart the service")
             context = ssl_context(config)
@@ -311,11 +313,12 @@ def serve(config: Config, config_path: str | None = None, environ: Mapping[str, 
     try:  # here, before any worker starts: a store that cannot be used ends the command with one line
         store = storage.connect(config)
     except OSError as exc:
-        raise MirrorError(f"cannot open the store {config.storage.root}: {(exc.strerror or str(exc)).lower()}") from exc
+        raise MirrorError(f"cannot open the store {storage.location(config)}: "
+                          f"{(exc.strerror or str(exc)).lower()}") from exc
     problem = store.writable_problem()
     store.close()
     if problem:
-        raise MirrorError(f"cannot use the store {config.storage.root}: {problem}")
+        raise MirrorError(f"cannot use the store {storage.location(config)}: {problem}")
     ssl_context(config)  # likewise a certificate and key that do not fit
     sockets = listen_sockets(config)
     notifier = systemd.Notifier.from_environ(environ)

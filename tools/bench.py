@@ -1,6 +1,6 @@
 """Side-by-side benchmark of the mirror against the Distribution registry 2.8 on loopback (issue 6).
 
-    tools/bench [--quick] [--skip-docker] [--output bench-results.json] [--workers N] [--workdir DIR]
+    tools/bench [--quick] [--skip-docker] [--output bench-results.json] [--workers N] [--workdir DIR] [--only GROUPS]
 
 One run starts an upstream Distribution registry holding test images it builds, then the mirror and the
 Distribution registry side by side: hosted (the images pushed into each) and as pull-through caches of that
@@ -9,6 +9,11 @@ of the rounds is reported with the ratio mirror / Distribution: for rates higher
 and memory lower is better. Rates come from wrk over a fixed duration, times from curl fetching like a client;
 both are C programs in their own processes, and the CPU they use is recorded to show they are not the limit.
 Every server is stopped by its own pid, also when the run fails or is interrupted.
+
+The ``s3`` group (issue 14) starts a single-node Ceph RGW and a redis-server of its own and compares the mirror
+with ``storage.s3`` (coordinated through that Redis) against Distribution with its S3 driver on the same gateway,
+each in a bucket of its own: cold pull-through, warm blob GETs as a client sees them end to end (curl follows
+Distribution's redirect to the gateway), and the aggregate rate of 1, 2 and 3 mirror instances on one bucket.
 """
 from __future__ import annotations
 
@@ -34,10 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import redis
 
 from mirror.manifest import DOCKER_MANIFEST, DOCKER_MANIFEST_LIST, OCI_INDEX, OCI_MANIFEST
 from tests.images import Blob, Image, build_image, push
-from tests.peers import DistributionRegistry, Dockerd, MirrorProcess, PeerError
+from tests.peers import CephRGW, DistributionRegistry, Dockerd, MirrorProcess, PeerError, RedisServer
 
 MiB = 1 << 20
 ACCEPT = "Accept: " + ", ".join((OCI_INDEX, DOCKER_MANIFEST_LIST, OCI_MANIFEST, DOCKER_MANIFEST))
@@ -68,11 +74,17 @@ class Plan:
     serve_streams: int = 8
     bundle: int = 512 * MiB
     docker_rounds: int = 3
+    s3_gets: int = 8  # GETs of the big blob, one after the other, per warm S3 sample (2 GiB at 256 MiB)
+    s3_clients: int = 6  # concurrent clients of the aggregate S3 rows, spread over the instances
+    s3_client_gets: int = 2  # GETs of the big blob per client per aggregate sample
 
 
 SETTLE_TIMEOUT, SETTLE_INTERVAL, IDLE_SHARE = 10.0, 0.2, 0.1  # idle: under 10% of a core for 0.2 s
-GROUPS = ("cold", "fanout", "warm", "manifest", "memory", "docker", "bundle")  # of rows, for --only
-QUICK = Plan(big_layer=4 * MiB, layer=256 * 1024, rounds=1, seconds=1, bundle=16 * MiB, docker_rounds=1)
+GROUPS = ("cold", "fanout", "warm", "manifest", "memory", "docker", "bundle", "s3")  # of rows, for --only
+QUICK = Plan(big_layer=4 * MiB, layer=256 * 1024, rounds=1, seconds=1, bundle=16 * MiB, docker_rounds=1,
+             s3_gets=2, s3_clients=3, s3_client_gets=1)
+S3_SCALE = (1, 2, 3)  # mirror instances on one bucket in the aggregate rows
+SHARED_SECRET = "tools-bench-shared-secret"  # the `secret` every S3 instance of the bench shares
 
 
 @dataclass(frozen=True)
@@ -97,11 +109,13 @@ class Target:
 
 @dataclass(frozen=True)
 class Sample:
-    """One measurement of one contender, with the CPU (in cores) the client and the contender used."""
+    """One measurement of one contender, with the CPU (in cores) the client, the contender and (for the S3 rows)
+    the object storage used."""
 
     value: float
     client_cpu: float | None = None
     server_cpu: float | None = None
+    store_cpu: float | None = None
 
 
 @dataclass
@@ -171,6 +185,58 @@ class Contender:
         self.server.start()
 
 
+@dataclass
+class BucketContender(Contender):
+    """A contender keeping its store in a bucket of ``rgw``: a cold restart deletes its bucket and points it at a
+    new, empty one (``use_bucket`` rewrites its config); ``store`` is only its local scratch space."""
+
+    rgw: CephRGW | None = None
+    use_bucket: Callable[[str], None] = lambda bucket: None
+    bucket: str = ""
+    buckets: int = 0
+
+    def restart(self, empty: bool) -> None:
+        """Stop the server and start it again, on a new empty bucket if ``empty``."""
+        assert self.rgw is not None
+        self.server.stop()
+        if empty:
+            if self.bucket:
+                drop_bucket(self.rgw, self.bucket)
+            shutil.rmtree(self.store, ignore_errors=True)
+            self.buckets += 1
+            self.bucket = self.rgw.bucket(f"bench-{self.name}-{self.buckets}")
+            self.use_bucket(self.bucket)
+        self.server.start()
+
+
+class StreamingDistribution(DistributionRegistry):
+    """Distribution with its S3 driver told to send blob bytes itself (``storage.redirect.disable``) instead of
+    redirecting clients to the object storage."""
+
+    def config(self) -> dict[str, Any]:
+        """The registry's config.yml, with redirects off."""
+        config = super().config()
+        config["storage"]["redirect"] = {"disable": True}
+        return config
+
+
+def drop_bucket(rgw: CephRGW, bucket: str) -> None:
+    """Delete ``bucket`` with its objects and collect the gateway's garbage at once: the OSD keeps objects in
+    memory, and the gateway would otherwise keep deleted ones (upload parts too) for two hours."""
+    rgw.radosgw_admin("bucket", "rm", f"--bucket={bucket}", "--purge-objects", "--bypass-gc", check=False)
+    rgw.radosgw_admin("gc", "process", "--include-all", check=False)
+
+
+def s3_unavailable() -> str | None:
+    """Why the S3 rows cannot run here (Ceph and Redis are missing, or not root), or None."""
+    if os.geteuid() != 0:
+        return "the Ceph daemons need root"
+    for program in ("radosgw", "ceph-mon", "ceph-osd", "radosgw-admin", "monmaptool", "redis-server"):
+        if not shutil.which(program, path=os.pathsep.join([os.environ.get("PATH", ""), "/usr/sbin", "/sbin"])):
+            return f"{program} is not installed (tools/test installs it)"
+    return None
+
+
 # processes and clients
 
 def process_tree(pid: int) -> list[int]:
@@ -205,14 +271,18 @@ def client_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def observe(pid: int, measure: Callable[[], float]) -> Sample:
-    """Run ``measure``, recording the CPU its client commands and the server tree of ``pid`` used."""
-    pids = process_tree(pid)
-    client, server, start = client_cpu_seconds(), cpu_seconds(pids), time.perf_counter()
+def observe(pid: int | Sequence[int], measure: Callable[[], float], store: Sequence[int] = ()) -> Sample:
+    """Run ``measure``, recording the CPU its client commands, the server trees of ``pid`` (one or several) and
+    the processes of the object storage (``store``, if any) used."""
+    pids = [each for root in ([pid] if isinstance(pid, int) else pid) for each in process_tree(root)]
+    stores = [each for root in store for each in process_tree(root)]
+    client, server, storage = client_cpu_seconds(), cpu_seconds(pids), cpu_seconds(stores)
+    start = time.perf_counter()
     value = measure()
     elapsed = time.perf_counter() - start
     return Sample(value, round((client_cpu_seconds() - client) / elapsed, 3),
-                  round((cpu_seconds(pids) - server) / elapsed, 3))
+                  round((cpu_seconds(pids) - server) / elapsed, 3),
+                  round((cpu_seconds(stores) - storage) / elapsed, 3) if store else None)
 
 
 def settle(pids: Sequence[int], timeout: float = SETTLE_TIMEOUT) -> None:
@@ -262,18 +332,27 @@ def wrk(url: str, connections: int, seconds: int, script: Path, headers: Sequenc
     return requests * 1e6 / micros, received * 1e6 / micros
 
 
-def curl(fetches: Sequence[tuple[str, int]], parallel: int = 1, headers: Sequence[str] = ()) -> None:
-    """GET each ``(url, size)`` to /dev/null, ``parallel`` at a time; each must answer 200 with ``size`` bytes."""
+def curl(fetches: Sequence[tuple[str, int]], parallel: int = 1, headers: Sequence[str] = (),
+         follow: bool = False) -> int:
+    """GET each ``(url, size)`` to /dev/null, ``parallel`` at a time; each must answer 200 with ``size`` bytes.
+
+    With ``follow`` redirects are followed (as registry clients do) and the answer at the end counts; return how
+    many of the GETs were redirected.
+    """
     argv = ["curl", "--silent", "--show-error", "--noproxy", "*", "--max-time", str(TIMEOUT),
-            "--write-out", "%{url_effective} %{http_code} %{size_download}\\n", *(f"-H{header}" for header in headers)]
+            *(["--location"] if follow else []),
+            "--write-out", "%{url} %{http_code} %{size_download} %{num_redirects}\\n",
+            *(f"-H{header}" for header in headers)]
     if parallel > 1:
         argv += ["--parallel", "--parallel-immediate", "--parallel-max", str(parallel)]
     for url, _ in fetches:
         argv += ["--output", "/dev/null", url]
     result = subprocess.run(argv, capture_output=True, text=True, timeout=TIMEOUT + 60)
+    answers = [line.rsplit(" ", 1) for line in result.stdout.splitlines()]
     expected = Counter(f"{url} 200 {size}" for url, size in fetches)
-    if result.returncode != 0 or Counter(result.stdout.splitlines()) != expected:
+    if result.returncode != 0 or Counter(answer for answer, _ in answers) != expected:
         raise BenchError(f"curl expected {dict(expected)}, got {result.stdout.splitlines()}: {result.stderr}")
+    return sum(1 for _, redirects in answers if redirects != "0")
 
 
 def timed(action: Callable[[], object]) -> float:
@@ -317,31 +396,55 @@ class Bench:
         self.small = build_image("bench-small", layers=2)
         self.layer = self.big.layers[0]
         self.layer_digest = self.layer.digest  # a property that hashes every time: compute it once
+        self.running: list[Any] = []  # every server started, for settle
+        self.hosted: list[Contender] = []
+        self.proxies: list[Contender] = []
+        self.rgw: CephRGW | None = None  # the S3 rows' object storage and Redis, once started
+        self.redis: RedisServer | None = None
+        self.s3_proxies: list[BucketContender] = []
 
     def run(self, only: Sequence[str] = ()) -> list[Row]:
         """Every row in table order, or those of the ``only`` groups (see ``GROUPS``)."""
-        self.start_servers()
+        chosen = [name for name in GROUPS if not only or name in only]
+        self.start_servers(hosted=bool({"warm", "manifest"} & set(chosen)),
+                           proxies=bool({"cold", "fanout", "warm", "manifest", "memory", "docker"} & set(chosen)))
         groups = {"cold": self.cold_rows, "fanout": self.fanout_rows, "warm": self.warm_blob_rows,
                   "manifest": self.manifest_rows, "memory": lambda: [self.serving_memory_row()],
-                  "docker": self.docker_rows, "bundle": self.bundle_rows}
-        return [row for name in GROUPS if not only or name in only for row in groups[name]()]
+                  "docker": self.docker_rows, "bundle": self.bundle_rows, "s3": self.s3_rows}
+        return [row for name in chosen for row in groups[name]()]
 
     def start(self, server: Any) -> Any:
         """Start ``server``, making sure it is stopped when the run ends however it ends."""
         self.stack.callback(server.stop)
+        self.running.append(server)
         return server.start()
 
-    def start_servers(self) -> None:
-        """The upstream, then the hosted pair and the pull-through pair, with the images pushed."""
+    def idle_pids(self) -> list[int]:
+        """The pids of every server running now (the Ceph cluster's daemons too), for ``settle``."""
+        pids = []
+        for server in self.running:
+            for process in getattr(server, "daemons", (server,)):
+                if process.running():
+                    pids.append(process.pid)
+        return pids
+
+    def start_servers(self, hosted: bool = True, proxies: bool = True) -> None:
+        """The upstream, then the hosted pair and the pull-through pair (those asked for), with the images
+        pushed."""
         progress("starting the upstream and pushing the test images")
         self.upstream = self.start(DistributionRegistry(self.workdir / "upstream"))
         self.push(self.upstream.url, {"bench/big": self.big, "bench/multi": self.multi, "bench/small": self.small})
-        upstreams = [{"name": "docker.io", "url": self.upstream.url, "manifest_ttl": 300}]
-        self.hosted = self.pair("hosted", {"upstreams": []}, None)
-        for contender in self.hosted:
-            self.push(contender.url, {"bench/big": self.big, "bench/small": self.small})
-        self.proxies = self.pair("proxy", {"upstreams": upstreams, "default_upstream": "docker.io"},
-                                 self.upstream.url)
+        if hosted:
+            self.hosted = self.pair("hosted", {"upstreams": []}, None)
+            for contender in self.hosted:
+                self.push(contender.url, {"bench/big": self.big, "bench/small": self.small})
+        if proxies:
+            self.proxies = self.pair("proxy", self.proxy_config(), self.upstream.url)
+
+    def proxy_config(self) -> dict[str, Any]:
+        """The mirror's config as a pull-through cache of the upstream."""
+        return {"upstreams": [{"name": "docker.io", "url": self.upstream.url, "manifest_ttl": 300}],
+                "default_upstream": "docker.io"}
 
     def pair(self, kind: str, mirror_config: dict[str, Any], remote: str | None) -> list[Contender]:
         """A mirror and a Distribution registry of one kind (hosted, or caching ``remote``), both started."""
@@ -394,8 +497,13 @@ class Bench:
     def timing(self, contender: Contender, action: Callable[[Contender], object]) -> Sample:
         """Seconds ``action(contender)`` took, with the CPU the client and the contender used meanwhile,
         measured once every server is idle."""
-        settle([self.upstream.pid, *(each.server.pid for each in (*self.hosted, *self.proxies))])
-        return observe(contender.server.pid, lambda: timed(lambda: action(contender)))
+        settle(self.idle_pids())
+        return observe(contender.server.pid, lambda: timed(lambda: action(contender)), self.store_pids())
+
+    def store_pids(self) -> list[int]:
+        """The object storage's daemons, once the S3 rows started them."""
+        rgw = self.rgw
+        return [daemon.pid for daemon in rgw.daemons if daemon.running()] if rgw is not None else []
 
     def blob_url(self, contender: Contender, blob: Blob | None = None) -> str:
         """Where ``contender`` serves a blob (the big layer by default) of its image."""
@@ -555,6 +663,163 @@ class Bench:
             row.add("distribution", Sample(results["copy_mib_s"]))
             row.note = "distribution column: copying the bundle with fsync on the same disk"
         return rows
+
+
+    # the S3 rows (issue 14)
+
+    def s3_rows(self) -> list[Row]:
+        """The mirror on an S3 bucket against Distribution's S3 driver on the same Ceph RGW: cold pull-through,
+        warm blob GETs end to end, and the aggregate rate of 1, 2 and 3 mirror instances sharing one bucket."""
+        plan, big = self.plan, size_text(self.plan.big_layer)
+        clients = plan.s3_clients
+        cold = Row("s3_cold_blob", f"S3: cold pull-through, {big} blob", "s", "lower", Target("ratio", "<=", 1.0))
+        warm = Row("s3_blob_1", f"S3: warm blob GET, 1 stream ({big} blob)", "MiB/s", "higher",
+                   Target("ratio", ">=", 1.0))
+        redirect = Row("s3_blob_redirect_1", "S3: warm blob GET, 1 stream, mirror with redirect: true", "MiB/s",
+                       "higher", Target("ratio", ">=", 1.0))
+        streamed = Row("s3_blob_streamed_1", "S3: warm blob GET, 1 stream, vs Distribution not redirecting",
+                       "MiB/s", "higher", None)
+        scale = [Row(f"s3_scale_{count}", f"S3: warm blob GETs, {clients} clients, {count} instance"
+                     + ("" if count == 1 else "s vs 1 (in the Distribution column)"), "MiB/s", "higher",
+                     Target("ratio", ">=", 1.0) if count == 1 else None) for count in S3_SCALE]
+        rows = [cold, warm, redirect, streamed, *scale]
+        if reason := s3_unavailable():
+            for row in rows:
+                row.note = f"not measured: {reason}"
+            return rows
+        progress("starting Ceph RGW and redis-server")
+        self.rgw = self.start(CephRGW(self.workdir / "rgw"))
+        self.redis = self.start(RedisServer(self.workdir / "redis"))
+        self.s3_proxies = self.s3_pair()
+        self.s3_cold_row(cold)
+        self.s3_warm_rows(warm, redirect, streamed)
+        self.s3_scale_rows(scale)
+        return rows
+
+    def s3_pair(self) -> list[BucketContender]:
+        """The mirror (``storage.s3``, Redis) and Distribution (S3 driver, redirects on as by default), both
+        pull-through caches of the upstream, each on a bucket of its own, started."""
+        assert self.rgw is not None
+        mirror_dir, registry_dir = self.workdir / "s3-mirror", self.workdir / "s3-distribution"
+        mirror = MirrorProcess(mirror_dir)
+        registry = DistributionRegistry(registry_dir, proxy_remote_url=self.upstream.url)
+        self.running += [mirror, registry]
+        self.stack.callback(mirror.stop)
+        self.stack.callback(registry.stop)
+
+        def mirror_bucket(bucket: str) -> None:
+            redis.Redis.from_url(self.redis.url).flushall()  # no claims, marks or LRU index of the last bucket
+            mirror.write_config(self.s3_mirror_config(bucket))
+
+        def registry_bucket(bucket: str) -> None:
+            registry.s3 = self.rgw.storage(bucket)
+
+        pair = [BucketContender("mirror", mirror, mirror_dir / "store", self.rgw, mirror_bucket),
+                BucketContender("distribution", registry, registry_dir / "data", self.rgw, registry_bucket)]
+        for contender in pair:
+            contender.restart(empty=True)
+        return pair
+
+    def s3_mirror_config(self, bucket: str, **s3: Any) -> dict[str, Any]:
+        """The config of a mirror instance caching the upstream in ``bucket`` (with ``s3`` settings added)."""
+        rgw = self.rgw
+        settings = {"endpoint": rgw.endpoint, "bucket": bucket, "access_key": rgw.access_key,
+                    "secret_key": rgw.secret_key, **s3}
+        return {**self.proxy_config(), "storage": {"s3": settings}, "redis": self.redis.url,
+                "secret": SHARED_SECRET, **self.mirror_options}
+
+    def s3_cold_row(self, row: Row) -> None:
+        """Cold pull-through of the big blob, both caches on new empty buckets every round."""
+        progress(row.figure)
+        pair = self.s3_proxies
+        for contender in pair:  # a round not counted: the first one faults fresh memory in (on a VM, slowly)
+            self.get_big_blob(contender)
+        for round_number in range(self.plan.rounds):
+            for contender in pair:
+                contender.restart(empty=True)
+            for contender in self.order(round_number, pair):
+                row.add(contender.name, self.timing(contender, self.get_big_blob))
+        row.note = ("each round on new empty buckets; both fetch from the upstream Distribution (filesystem), "
+                    "Distribution's proxy sends the upstream's bytes as they come and stores the blob afterwards, "
+                    "in the background (not timed); the mirror stores as it sends and releases the last byte once "
+                    "the blob is verified")
+
+    def stored_in_bucket(self, contender: Contender) -> None:
+        """Wait until Distribution's proxy stored the big blob it fetched: its GETs are then redirected to the
+        gateway."""
+        deadline = time.monotonic() + 120
+        while not curl([(self.blob_url(contender), self.layer.size)], follow=True):
+            if time.monotonic() > deadline:
+                raise BenchError(f"{contender.name} did not store the blob in its bucket within 120 s")
+            time.sleep(1)
+
+    def s3_rate(self, contenders: Sequence[Contender], gets: int, clients: int, redirects: Counter[str],
+                name: str) -> Sample:
+        """MiB/s of ``gets`` GETs of the big blob, ``clients`` at a time, spread over ``contenders`` in turn and
+        following redirects, once every server is idle; counts the redirected GETs in ``redirects[name]``."""
+        fetches = [(self.blob_url(contenders[index % len(contenders)]), self.layer.size) for index in range(gets)]
+        settle(self.idle_pids())
+
+        def measure() -> float:
+            seconds = timed(lambda: redirects.update({name: curl(fetches, parallel=clients, follow=True)}))
+            return gets * self.layer.size / MiB / seconds
+        return observe([contender.server.pid for contender in contenders], measure, self.store_pids())
+
+    def s3_warm_rows(self, warm: Row, redirect: Row, streamed: Row) -> None:
+        """Warm blob GETs on one stream: the mirror streaming and with ``redirect``, against Distribution
+        redirecting (its default), and the mirror against Distribution streaming the bytes itself."""
+        mirror, registry = self.s3_proxies
+        self.stored_in_bucket(registry)
+        redirecting = MirrorProcess(self.workdir / "s3-mirror-redirect",
+                                    self.s3_mirror_config(mirror.bucket, redirect=True))
+        streaming = StreamingDistribution(self.workdir / "s3-distribution-streamed",
+                                          proxy_remote_url=self.upstream.url, s3=self.rgw.storage(registry.bucket))
+        extra = [Contender("mirror", self.start(redirecting), redirecting.workdir / "store"),
+                 Contender("distribution", self.start(streaming), streaming.workdir / "data")]
+        gets = self.plan.s3_gets
+        for row, pair in ((warm, self.s3_proxies), (redirect, [extra[0], registry]), (streamed, [mirror, extra[1]])):
+            redirects: Counter[str] = Counter()
+            self.alternate(row, pair, lambda contender, redirects=redirects: self.s3_rate(
+                [contender], gets, 1, redirects, contender.name))
+            row.note = f"{gets} GETs per sample, each of the big blob; " + ", ".join(
+                f"{name} redirected {redirects[name]} of {len(row.samples[name]) * gets} GETs" for name in
+                ("mirror", "distribution")) + " to the gateway (curl follows: the time is the client's, end to end)"
+        for contender in extra:
+            contender.server.stop()
+
+    def s3_scale_rows(self, rows: list[Row]) -> None:
+        """The aggregate warm blob GET rate of 1, 2 and 3 mirror instances (streaming) on one bucket, the same
+        clients spread over them; the 1-instance row against Distribution, the others against 1 instance."""
+        mirror, registry = self.s3_proxies
+        config = self.s3_mirror_config(mirror.bucket)
+        instances = [mirror] + [Contender("mirror", self.start(MirrorProcess(self.workdir / f"s3-mirror-{number}",
+                                                                              config)), Path())
+                                for number in range(2, max(S3_SCALE) + 1)]
+        plan = self.plan
+        gets = plan.s3_clients * plan.s3_client_gets
+        progress(f"aggregate warm blob GET of {', '.join(map(str, S3_SCALE))} instances on one bucket, "
+                 f"{plan.s3_clients} clients")
+        redirects: Counter[str] = Counter()
+        contenders: list[tuple[str, list[Contender]]] = [
+            *((str(count), instances[:count]) for count in S3_SCALE), ("distribution", [registry])]
+        samples: dict[str, list[Sample]] = {name: [] for name, _ in contenders}
+        for round_number in range(plan.rounds):
+            for name, group in (contenders if round_number % 2 == 0 else contenders[::-1]):
+                samples[name].append(self.s3_rate(group, gets, plan.s3_clients, redirects, name))
+        for count, row in zip(S3_SCALE, rows, strict=True):
+            row.samples["mirror"] = samples[str(count)]
+            row.samples["distribution"] = samples["distribution" if count == 1 else "1"]
+            used = {which: max((getattr(sample, which) or 0) for sample in samples[str(count)])
+                    for which in ("server_cpu", "store_cpu", "client_cpu")}
+            row.note = (f"{gets} GETs per sample spread over the instances ({redirects[str(count)]} redirected); "
+                        f"at most {used['server_cpu']:.2f} cores in the mirror instance{'s' if count > 1 else ''}, "
+                        f"{used['store_cpu']:.2f} in Ceph (radosgw, OSD, monitor), {used['client_cpu']:.2f} in "
+                        f"curl, of {os.cpu_count()}")
+            if count == 1:
+                row.note += (f"; Distribution redirected {redirects['distribution']} of "
+                             f"{gets * plan.rounds} GETs to the gateway")
+        for instance in instances[1:]:
+            instance.server.stop()
 
 
 # output

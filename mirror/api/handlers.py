@@ -254,6 +254,10 @@ class BlobHandler(BaseHandler):
         self.set_header("Accept-Ranges", "bytes")
         self.set_header("ETag", f'"{digest}"')
         self.set_header("Content-Type", "application/octet-stream")
+        if body and (url := source.redirect) is not None:
+            self.set_status(307)
+            self.set_header("Location", url)
+            return self.finish()
         byte_range = self._range(source.size)
         if byte_range is None:
             self.set_status(416)

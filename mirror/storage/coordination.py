@@ -79,8 +79,10 @@ class Coordination:
     def __init__(self, url: str, namespace: str = "mirror", *, timeout: float = 1.0):
         self.namespace = namespace
         self._redis = redis.Redis.from_url(url, socket_timeout=timeout, socket_connect_timeout=timeout,
-                                           health_check_interval=HEALTH_CHECK, retry=Retry(NoBackoff(), 0),
-                                           decode_responses=True)
+                                           health_check_interval=HEALTH_CHECK, decode_responses=True,
+                                           # once more on a new connection: a pooled one dies when Redis restarts
+                                           retry=Retry(NoBackoff(), 1, (redis.exceptions.ConnectionError,)),
+                                           retry_on_error=[redis.exceptions.ConnectionError])
         self._hold_script = self._redis.register_script(HOLD)
         self._release_script = self._redis.register_script(RELEASE)
         self._up, self._retry_at = True, 0.0
@@ -179,7 +181,8 @@ class Coordination:
                 del self._claims[claim.key]
 
     def _beat(self) -> None:
-        """Refresh each live claim every third of its ttl, until closed."""
+        """Refresh each live claim every third of its ttl, and while Redis is down look for it every
+        ``RETRY_AFTER`` seconds (so the changes it missed are replayed without waiting for traffic), until closed."""
         while True:
             with self._wake:
                 if self._closed:
@@ -188,6 +191,14 @@ class Coordination:
                 due = [claim for claim in self._claims.values() if claim.next_beat <= now]
                 if not due:
                     beats = [claim.next_beat for claim in self._claims.values()]
+                    beats += [] if self._up else [max(self._retry_at, now + 0.05)]
+                    if not self._up and now >= self._retry_at:
+                        self._wake.release()  # a PING may take the whole timeout: not while holding the lock
+                        try:
+                            self._call(None, self._redis.ping)
+                        finally:
+                            self._wake.acquire()
+                        continue
                     self._wake.wait(min(beats) - now if beats else None)
                     continue
             for claim in due:
@@ -214,6 +225,9 @@ class Coordination:
             if up == self._up:
                 return
             self._up = up
+        if not up:
+            with self._wake:  # the heartbeat looks for Redis from now on
+                self._wake.notify()
         if up:
             log.info("redis is back: claims, marks and the access index are shared again")
         else:
@@ -266,11 +280,15 @@ class Claim:
         return held != 0
 
 
+MISSED = 100_000  # index changes kept while Redis is down
+
+
 class SharedAccessIndex:
     """The least-recently-used index of pull-through blobs, in Redis (a sorted set by last use, sizes, a total).
 
-    The methods are those of ``access.AccessIndex``. While Redis is down nothing is recorded and nothing is
-    evicted: the total is 0 and the list of blobs empty.
+    The methods are those of ``access.AccessIndex``. While Redis is down nothing is evicted (the total is 0 and
+    the list of blobs empty), and what is recorded or forgotten meanwhile is kept here and replayed when Redis is
+    back; beyond ``MISSED`` changes the index is marked for a rebuild from the store instead.
     """
 
     def __init__(self, coordination: Coordination):
@@ -281,10 +299,17 @@ class SharedAccessIndex:
         self._built = f"{lru}:built"  # set by rebuild: gone when Redis lost its data
         self._record, self._forget = self._redis.register_script(RECORD), self._redis.register_script(FORGET)
         self._touched: dict[str, float] = {}
+        self._missed: dict[str, tuple[int, float] | None] = {}  # changes Redis missed: (size, time), or forgotten
+        self._overflowed = False
+        self._missing = threading.Lock()
+        coordination.watch(self._replay)
 
     def record(self, digest: Digest, size: int) -> None:
         """Note a newly cached blob (a blob recorded again is counted once)."""
-        self._coordination._call(None, lambda: self._record(keys=self._keys, args=[str(digest), size, time.time()]))
+        now = time.time()
+        if not self._coordination._call(False, lambda: self._record(keys=self._keys, args=[str(digest), size, now])
+                                        is not None):
+            self._miss(str(digest), (size, now))
 
     def touch(self, digest: Digest) -> None:
         """Note that a cached blob was used (at most once a minute per blob; never brings a forgotten one back)."""
@@ -308,8 +333,32 @@ class SharedAccessIndex:
 
     def forget(self, digest: Digest) -> None:
         """Drop a blob from the index."""
-        self._coordination._call(None, lambda: self._forget(keys=self._keys, args=[str(digest)]))
+        if not self._coordination._call(False, lambda: self._forget(keys=self._keys, args=[str(digest)]) is not None):
+            self._miss(str(digest), None)
         self._touched.pop(str(digest), None)
+
+    def _miss(self, digest: str, change: tuple[int, float] | None) -> None:
+        with self._missing:
+            if len(self._missed) < MISSED or digest in self._missed:
+                self._missed[digest] = change
+            else:
+                self._overflowed = True
+
+    def _replay(self, up: bool) -> None:
+        """Once Redis is back, apply the changes it missed (or, after too many, mark the index for a rebuild)."""
+        if not up:
+            return
+        with self._missing:
+            missed, overflowed = self._missed, self._overflowed
+            self._missed, self._overflowed = {}, False
+        for digest, change in missed.items():
+            if change is None:
+                self.forget(Digest.parse(digest))
+            else:
+                self._coordination._call(None, lambda d=digest, c=change: self._record(keys=self._keys,
+                                                                                        args=[d, c[0], c[1]]))
+        if overflowed:
+            self._coordination._call(None, lambda: self._redis.delete(self._built))
 
     def rebuild(self, entries: Iterable[tuple[Digest, int, float]]) -> None:
         """Replace the whole index with these (digest, size, last use) entries, in one transaction."""

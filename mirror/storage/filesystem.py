@@ -162,18 +162,19 @@ def hash_file(path: Path, algorithm: str = "sha256") -> Hasher:
 
 
 class FileReader:
-    """Random access to a file's bytes through its descriptor, owned until ``close``."""
+    """Random access to a file's bytes through its descriptor, owned until ``close``; the file holds the bytes
+    from position ``base`` on."""
 
-    def __init__(self, fd: int):
-        self.fd = fd
+    def __init__(self, fd: int, base: int = 0):
+        self.fd, self.base = fd, base
 
     async def read(self, position: int, size: int) -> bytes:
         """Up to ``size`` bytes from ``position`` (a local read: done on the event loop)."""
-        return os.pread(self.fd, size, position)
+        return os.pread(self.fd, size, position - self.base)
 
     def dup(self) -> FileReader:
         """Another reader of the same file, closed on its own."""
-        return FileReader(os.dup(self.fd))
+        return FileReader(os.dup(self.fd), self.base)
 
     def close(self) -> None:
         """Close the descriptor."""

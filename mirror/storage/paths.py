@@ -1,4 +1,4 @@
-"""The on-disk layout of the store; the only code that builds paths inside it.
+"""The layout of the store, on local disk and in a bucket alike; the only code that builds paths and keys in it.
 
     <root>/
       blobs/<alg>/<hex[:2]>/<hex>                       blob bytes (layers, configs and manifests),
@@ -6,6 +6,9 @@
       uploads/<session>/data                            bytes of an upload or a pull-through fetch
       uploads/<session>/repository                      repository the upload belongs to
       uploads/<session>/lock                            the session's one writer holds an flock on it
+      uploads/<session>/<offset>                        in a bucket, instead of data and lock: the part of the
+                                                        upload's bytes from <offset> (16 digits), created only if
+                                                        absent (``s3.py``); its repository record is signed
       repositories/<name>/_blobs/<alg>/<hex>            empty file: the repository may serve this blob
       repositories/<name>/_manifests/<alg>/<hex>        the manifest's media type: the repository has it
       repositories/<name>/_tags/<tag>                   the digest the tag points at
@@ -41,6 +44,10 @@
                                                         the lock and names its upload session in the JSON, so
                                                         other workers follow it instead of fetching again
 
+In a bucket, every key below the configured prefix is the same as the path below the root here, but for what
+stays on the instance's local scratch space (``storage.root``): the import staging stores, the event queues and
+the access index (in Redis when instances coordinate; fetch claims too).
+
 Repository name components never start with ``_``, so ``_blobs`` and its siblings cannot collide with a
 nested repository. Every argument is validated here: no caller can make a path leave the root.
 """
@@ -63,7 +70,7 @@ QUEUE_ENTRY_PATTERN = re.compile(r"[0-9]{20}-[0-9a-f-]{36}\.json")
 REGISTRY_PATTERN = re.compile(r"[a-z0-9](?:[a-z0-9._-]*[a-z0-9])?")
 HOLDER_PATTERN = re.compile(r"[a-f0-9]{32}|legacy")
 MAX_NAME_LENGTH = 255
-PINS, PIN_HOLDERS, GC_MARKS = "state/pinned", "state/pin-holders", "state/gc-marks"
+PINS, PIN_HOLDERS, ORIGINS = "state/pinned", "state/pin-holders", "state/origins"
 
 
 def check_name(name: str) -> str:
@@ -214,12 +221,7 @@ def origin_key(registry: str, digest: Digest) -> str:
     """The object whose presence says blob ``digest`` was fetched from ``registry`` (store form)."""
     if not REGISTRY_PATTERN.fullmatch(registry):
         raise StorageError(f"invalid registry {registry[:100]!r}")
-    return f"state/origins/{registry}/{digest.algorithm}/{digest.hex}"
-
-
-def gc_mark_key(digest: Digest) -> str:
-    """The object that marks blob ``digest`` as a garbage collection candidate on object storage."""
-    return f"{GC_MARKS}/{digest.algorithm}/{digest.hex}"
+    return f"{ORIGINS}/{registry}/{digest.algorithm}/{digest.hex}"
 
 
 def upload_part_key(session: str, offset: int) -> str:

@@ -21,10 +21,14 @@ import hashlib
 import hmac
 import io
 import logging
+import os
+import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
+from concurrent import futures
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -41,10 +45,13 @@ from mirror.errors import (
     DigestInvalid,
     StorageUnavailable,
 )
+from mirror.storage.filesystem import FileReader, storage_error
 from mirror.storage.paths import blob_key, upload_key, upload_part_key
 
 log = logging.getLogger("mirror.storage.s3")
-PART = 8 << 20  # bytes a writer gathers before writing a part object
+PART = 8 << 20  # bytes of a part object
+PARTS_IN_FLIGHT = 4  # part uploads one writer may have running at once
+UPLOADS = futures.ThreadPoolExecutor(16, thread_name_prefix="s3-part")  # every writer's part uploads
 MIN_COPY_PART = 5 << 20  # S3's smallest multipart part (but the last)
 CHUNK = 1 << 20
 TRASH = "state/gc-trash"
@@ -66,7 +73,8 @@ class Bucket:
             aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
             config=botocore.config.Config(
                 s3={"addressing_style": "path"}, signature_version="s3v4", max_pool_connections=64,
-                connect_timeout=5, read_timeout=60, retries={"max_attempts": 3, "mode": "standard"},
+                # a request waits at most seconds on storage that stopped answering, then gets 503
+                connect_timeout=3, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"},
                 request_checksum_calculation="when_required", response_checksum_validation="when_required"))
 
     def key(self, key: str) -> str:
@@ -238,8 +246,9 @@ class ThreadReader:
 class S3BlobStore:
     """The BlobStore in a bucket; uploads are part objects (see the module docstring)."""
 
-    def __init__(self, bucket: Bucket, secret: bytes):
-        self.bucket = bucket
+    def __init__(self, bucket: Bucket, secret: bytes, spool: Path):
+        self.bucket, self.spool = bucket, spool
+        spool.mkdir(parents=True, exist_ok=True)
         self._secret = secret
         self._hashers: dict[str, Hasher] = {}  # running hashes of sessions this process wrote last
         self._lock = threading.Lock()
@@ -439,16 +448,21 @@ class S3BlobStore:
 
 
 class S3BlobWriter:
-    """An upload in part objects: bytes gather in memory up to ``PART`` and are written as the next part."""
+    """An upload in part objects. Bytes land in a spool file on local scratch space at once (where this process's
+    readers follow them), and every ``PART`` of them is written as the next part object by up to
+    ``PARTS_IN_FLIGHT`` uploads at a time, so neither the upstream nor the clients wait for the bucket."""
 
     def __init__(self, store: S3BlobStore, session: str, parts: list[tuple[int, int]], hasher: Hasher | None):
         self.id = session
         self._store, self._bucket = store, store.bucket
-        self.parts = parts  # (offset, size) written
-        self.flushed = sum(size for _, size in parts)
-        self.size = self.flushed
-        self._buffer = bytearray()
-        self._buffer_lock = threading.Lock()
+        self.parts = parts  # (offset, size) in part objects, in order
+        self.flushed = sum(size for _, size in parts)  # bytes from 0 that are in part objects
+        self.size = self._queued = self._base = self.flushed  # the spool holds the bytes from _base on
+        try:
+            self._spool = tempfile.TemporaryFile(dir=store.spool, buffering=0)  # noqa: SIM115 - owned until done
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self._pending: dict[int, Future[int]] = {}  # offset -> upload of the part from there
         self._hasher = hasher if hasher is not None else (Hasher() if not parts else None)
         self._done = False
         self._lost = False  # another writer of the session wrote first: this one leaves the session alone
@@ -464,48 +478,71 @@ class S3BlobWriter:
             self._hasher.update(data)
 
     def append(self, data: bytes) -> None:
-        """Append ``data`` without hashing it; a full part is written at once."""
-        with self._buffer_lock:
-            self._buffer += data
-            self.size += len(data)
-        if len(self._buffer) >= PART:
-            self.flush()
+        """Append ``data`` to the spool without hashing it; a full part starts uploading."""
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[self._spool.write(view):]
+        except OSError as exc:
+            raise storage_error(exc) from exc
+        self.size += len(data)
+        while self.size - self._queued >= PART:
+            self._upload(PART)
+        self._settle(wait=False)
+
+    def _upload(self, length: int) -> None:
+        """Start uploading the next ``length`` spooled bytes as a part, once fewer than PARTS_IN_FLIGHT are."""
+        while len(self._pending) >= PARTS_IN_FLIGHT:
+            self._settle(wait=True, first_only=True)
+        offset = self._queued
+        self._pending[offset] = UPLOADS.submit(self._put_part, offset, length)
+        self._queued += length
+
+    def _put_part(self, offset: int, length: int) -> int:
+        data = os.pread(self._spool.fileno(), length, offset - self._base)
+        if not self._bucket.put(upload_part_key(self.id, offset), data, create=True):
+            raise BlobUploadInvalid(f"another request is writing to upload {self.id}", detail={"session": self.id})
+        return length
+
+    def _settle(self, wait: bool, first_only: bool = False) -> None:
+        """Count the uploads done, in order (waiting for them with ``wait``); raise the first that failed."""
+        for offset in sorted(self._pending):
+            upload = self._pending[offset]
+            if not wait and not upload.done():
+                return
+            try:
+                length = upload.result()
+            except BlobUploadInvalid:
+                self._done = self._lost = True
+                raise
+            del self._pending[offset]
+            self.parts.append((offset, length))
+            self.flushed = offset + length
+            if first_only:
+                return
 
     def flush(self) -> None:
-        """Write what is gathered as the next part (readable by other instances), if no other writer put a part at
-        that offset first; raise BlobUploadInvalid if one did."""
-        with self._buffer_lock:
-            data = bytes(self._buffer)
-        if not data:
-            return
-        if not self._bucket.put(upload_part_key(self.id, self.flushed), data, create=True):
-            self._done = self._lost = True
-            raise BlobUploadInvalid(f"another request is writing to upload {self.id}", detail={"session": self.id})
-        with self._buffer_lock:
-            self.parts.append((self.flushed, len(data)))
-            self.flushed += len(data)
-            del self._buffer[:len(data)]
+        """Write every spooled byte as part objects (readable by other instances) and wait until they are; raise
+        BlobUploadInvalid if another writer put a part at one of their offsets first."""
+        if self.size > self._queued:
+            self._upload(self.size - self._queued)
+        self._settle(wait=True)
 
-    def reader(self) -> ThreadReader:
-        """Random access to the bytes written so far, for readers following the writes."""
-        return ThreadReader(self.read)
-
-    def read(self, position: int, size: int) -> bytes:
-        """Up to ``size`` bytes from ``position`` of what was written so far (from memory or from a part)."""
-        with self._buffer_lock:
-            if position >= self.flushed:
-                start = position - self.flushed
-                return bytes(self._buffer[start:start + size])
-            parts = list(self.parts)
-        return read_parts(self._bucket, self.id, parts, position, size)
+    def reader(self) -> FileReader:
+        """Random access to the bytes written so far, for readers following the writes (from the spool: it
+        stays readable through this descriptor after the writer is done)."""
+        return FileReader(os.dup(self._spool.fileno()), self._base)
 
     def close(self) -> None:
-        """Write what is gathered and keep the session for a later request."""
+        """Write what is spooled and keep the session for a later request."""
         if self._done:
             return
         self._done = True
-        self.flush()
-        self._store.remember(self.id, self._hasher)
+        try:
+            self.flush()
+            self._store.remember(self.id, self._hasher)
+        finally:
+            self._spool.close()
 
     def digest(self, algorithm: str = "sha256") -> Digest | None:
         """The digest of the bytes written so far, when they were hashed on the way in."""
@@ -560,12 +597,15 @@ class S3BlobWriter:
 
     def cancel(self) -> None:
         """Delete the session and its parts (nothing once another writer took the session over)."""
+        for upload in self._pending.values():
+            upload.cancel()
+        futures.wait(self._pending.values())
+        self._pending.clear()
+        self._done = True
+        self._spool.close()
         if self._lost:
             return
-        self._done = True
         self._store.forget(self.id)
-        with self._buffer_lock:
-            self._buffer.clear()
         keys = [f"{upload_key(self.id)}/{name}" for name, _, _ in self._bucket.list(upload_key(self.id))]
         self._bucket.delete(*keys)
 

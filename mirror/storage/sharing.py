@@ -139,7 +139,11 @@ class SharedForeignFetch:
         info = await asyncio.to_thread(coordination.holder, _key(self.digest)) if coordination else None
         if info is not None and info.get("session") == self.session:
             self._update(info)
-        elif not self.done:
+        elif self.done:
+            return
+        elif self.size is not None and await asyncio.to_thread(self.store.blobs.stat, self.digest) == self.size:
+            self.available, self.done = self.size, True  # committed and let go between two looks
+        else:
             self.error = FetchAbandoned(f"the instance fetching {self.digest} stopped before it was verified")
 
     def _update(self, info: dict[str, Any]) -> None:

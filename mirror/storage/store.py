@@ -44,8 +44,8 @@ from mirror.storage.fetching import FetchClaim, ForeignFetch
 from mirror.storage.filesystem import FilesystemBlobStore, digests_in, storage_error, write_atomic, write_once
 from mirror.storage.imports import Imports
 from mirror.storage.metadata import Metadata
-from mirror.storage.objects import FileObjects, Objects
-from mirror.storage.paths import SECRET_PATTERN, Layout
+from mirror.storage.objects import FileObjects, Objects, digests_under
+from mirror.storage.paths import ORIGINS, SECRET_PATTERN, Layout
 from mirror.storage.pins import Pins
 from mirror.storage.queue import Queues
 
@@ -54,6 +54,7 @@ if TYPE_CHECKING:
     from mirror.storage.coordination import Coordination
 
 LAYOUT_VERSION = 3
+COORDINATION_TIMEOUT = 0.25  # seconds a Redis call may take: callers wait on it, some on the event loop
 
 
 @dataclass(frozen=True)
@@ -116,6 +117,12 @@ class Store:
             return await SharedForeignFetch.join(self, digest)  # type: ignore[return-value]
         return await ForeignFetch.join(self._layout, digest)
 
+    def blob_url(self, digest: Digest) -> str | None:
+        """A presigned URL of blob ``digest`` in the bucket when ``storage.s3.redirect`` is on, else None."""
+        if self.shared and self.blobs.bucket.settings.redirect:  # type: ignore[attr-defined]
+            return self.blobs.presigned(digest)  # type: ignore[attr-defined]
+        return None
+
     def secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
         """Secret ``name``: derived from the configured ``secret`` (the same on every instance), else made by
         ``generate()`` the first time it is asked for and kept in the store (readable by this user only); of
@@ -168,6 +175,26 @@ class Store:
             stack += self.metadata.referrer_digests(name, digest)
         return reached, blobs
 
+    def rebuild_access_index(self) -> int:
+        """Refill the access index shared through Redis from the store when Redis lost it (after a restart
+        without persistence): every fetched blob that is neither pinned nor linked in a hosted repository, last
+        used when it was written. One instance does it; return how many blobs it indexed (0 when nothing was
+        lost, or another instance is at it)."""
+        coordination, index = self.coordination, self.access
+        if coordination is None or not index.empty():  # type: ignore[attr-defined]
+            return 0
+        with coordination.exclusive("rebuild-access-index") as held:
+            if not held or not index.empty():  # type: ignore[attr-defined]
+                return 0
+            hosted = {digest for name in self.metadata.repositories() if not _registry_named(name)
+                      for digest in self.metadata.blobs(name)}
+            fetched = {digest for registry in self.objects.children(ORIGINS)
+                       for digest in digests_under(self.objects, f"{ORIGINS}/{registry}")}
+            entries = [(digest, size, self.blobs.changed(digest)) for digest in fetched - hosted
+                       if not self.pins.is_pinned(digest) and (size := self.blobs.stat(digest)) is not None]
+            index.rebuild(entries)  # type: ignore[attr-defined]
+            return len(entries)
+
     def stats(self) -> StoreStats:
         """Count the blobs and the pinned blobs and their bytes (walks the whole store)."""
         sizes = [size for size in map(self.blobs.stat, self.blobs.iter()) if size is not None]
@@ -189,7 +216,7 @@ def connect(config: Config) -> Store:
     coordination = None
     if config.redis is not None:
         from mirror.storage.coordination import Coordination
-        coordination = Coordination(config.redis)
+        coordination = Coordination(config.redis, timeout=COORDINATION_TIMEOUT)
     if config.storage.s3 is None:
         return open(config.storage.root, coordination, config.secret)
     from mirror.storage import s3
@@ -202,13 +229,21 @@ def connect(config: Config) -> Store:
         bucket.put("layout-version", f"{LAYOUT_VERSION}\n".encode())
     signing = (derived_secret(config.secret, "upload.key") if config.secret is not None
                else s3.kept_secret(bucket, "upload.key", lambda: uuid.uuid4().bytes * 2))
-    return Store(Path(config.storage.root), s3.S3Objects(bucket), s3.S3BlobStore(bucket, signing),
+    root = Path(config.storage.root)
+    return Store(root, s3.S3Objects(bucket), s3.S3BlobStore(bucket, signing, Layout(root).uploads),
                  coordination, config.secret)
 
 
 def derived_secret(secret: str, name: str) -> bytes:
     """Secret ``name`` derived from the configured ``secret``: the same on every instance that shares it."""
     return hmac.new(secret.encode(), name.encode(), hashlib.sha256).digest()
+
+
+def location(config: Config) -> str:
+    """Where the store ``config`` names is, for messages (never a credential)."""
+    s3 = config.storage.s3
+    return str(config.storage.root) if s3 is None else f"s3 bucket {s3.bucket}{'/' + s3.prefix if s3.prefix else ''} " \
+        f"at {s3.endpoint}"
 
 
 def found(config: Config) -> bool:
@@ -256,8 +291,7 @@ def _unlink_unfounded_blob_links(store: Store) -> None:
     """Version 1 -> 2: in registry-named repositories keep only the blob links their manifests list."""
     metadata = store.metadata
     for name in metadata.repositories():
-        first = name.partition("/")[0]
-        if "." not in first and first != "localhost" and not first.startswith("localhost_"):
+        if not _registry_named(name):
             continue  # a hosted name: its links came from pushes and imports
         listed: set[Digest] = set()
         for digest in metadata.manifests(name):
@@ -266,6 +300,12 @@ def _unlink_unfounded_blob_links(store: Store) -> None:
                 listed.update(Digest.parse(blob["digest"]) for blob in parsed.blobs)
         for digest in set(metadata.blobs(name)) - listed:
             metadata.unlink_blob(name, digest)
+
+
+def _registry_named(name: str) -> bool:
+    """Whether store repository ``name`` mirrors a registry (``docker.io/...``) rather than being hosted."""
+    first = name.partition("/")[0]
+    return "." in first or first == "localhost" or first.startswith("localhost_")
 
 
 def _hold_bare_pins(store: Store, layout: Layout) -> None:
