@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import os
 import signal
 import socket
 import sys
+import tarfile
 import threading
 import time
 from collections.abc import Iterator
@@ -27,6 +29,7 @@ import redis
 from tests.images import build_image, push, push_blob
 from tests.peers import DistributionRegistry, MirrorProcess, run
 from tests.scripted import Answer, ScriptedUpstream, http
+from tests.test_auth import write_htpasswd
 
 MIB = 1 << 20
 SECRET = "scale-out-test-shared-secret"
@@ -458,5 +461,54 @@ def test_the_cache_bound_holds_across_instances_and_after_redis_lost_its_index(t
                 assert stored() <= 14 * MIB, f"after blob {index}: {stored()} bytes stored\n" + "\n".join(
                     instance.log_tail(20) for instance in group)
         assert stored() >= 12 * MIB  # the bound is used, not emptied
+    finally:
+        group.stop()
+
+
+def test_a_token_issued_by_one_instance_is_honoured_by_every_other(tmp_path, ceph_rgw, bucket, redis_server):
+    htpasswd = write_htpasswd(tmp_path / "htpasswd", {"alice": "alice-secret"})
+    config = s3_config(ceph_rgw, bucket, redis_server.url, auth={"htpasswd": str(htpasswd)})
+    group = Cluster(tmp_path, config).start()
+    try:
+        with httpx.Client(timeout=30) as client:
+            issued = client.get(f"{group[0].url}/token", params={"scope": "repository:team/app:pull,push"},
+                                auth=("alice", "alice-secret"))
+            assert issued.status_code == 200, issued.text
+            bearer = {"Authorization": f"Bearer {issued.json()['token']}"}
+            for instance in group:
+                assert client.get(f"{instance.url}/v2/", headers=bearer).status_code == 200
+                opened = client.post(f"{instance.url}/v2/team/app/blobs/uploads/", headers=bearer)
+                assert opened.status_code == 202, opened.text
+                assert client.get(f"{instance.url}/v2/").status_code == 401
+    finally:
+        group.stop()
+
+
+def test_inventory_export_and_prefetch_work_with_the_instances_config(tmp_path, ceph_rgw, bucket, redis_server,
+                                                                      upstream):
+    cached, hosted = build_image("prefetched", layers=1), build_image("hosted-export", layers=1)
+    push(upstream.url, "org/cached", "1", cached)
+    config = s3_config(ceph_rgw, bucket, redis_server.url, upstreams=[{"name": "ghcr.io", "url": upstream.url}])
+    group = Cluster(tmp_path, config, count=2).start()
+    try:
+        prefetched = group[0].run_cli("prefetch", "ghcr.io/org/cached:1")
+        assert prefetched.returncode == 0, prefetched.stderr
+        push(group[1].url, "team/app", "1", hosted)
+        inventory = tmp_path / "inventory.json"
+        listed = group[1].run_cli("inventory", "--output", str(inventory))
+        assert listed.returncode == 0, listed.stderr
+        digests = {blob.digest for blob in (*cached.blobs, *hosted.blobs)}
+        assert digests <= set(json.loads(inventory.read_text())["blobs"])
+        bundle = tmp_path / "hosted.tar"
+        exported = run([sys.executable, "-m", "mirror", "bundle", "export", "--config", str(group[0].config_path),
+                        "--output", str(bundle), "team/app:1"], check=False)
+        assert exported.returncode == 0, exported.stderr
+        with tarfile.open(bundle) as tar:
+            names = "\n".join(tar.getnames())
+        assert all(blob.digest.split(":")[1] in names for blob in hosted.blobs)
+        with httpx.Client(timeout=30) as client:
+            manifest = client.get(f"{group[1].url}/v2/ghcr.io/org/cached/manifests/1",
+                                  headers={"Accept": cached.manifest.media_type})
+            assert manifest.status_code == 200 and manifest.content == cached.manifest.data
     finally:
         group.stop()

@@ -673,15 +673,18 @@ class Bench:
         plan, big = self.plan, size_text(self.plan.big_layer)
         clients = plan.s3_clients
         cold = Row("s3_cold_blob", f"S3: cold pull-through, {big} blob", "s", "lower", Target("ratio", "<=", 1.0))
-        warm = Row("s3_blob_1", f"S3: warm blob GET, 1 stream ({big} blob)", "MiB/s", "higher",
-                   Target("ratio", ">=", 1.0))
-        redirect = Row("s3_blob_redirect_1", "S3: warm blob GET, 1 stream, mirror with redirect: true", "MiB/s",
-                       "higher", Target("ratio", ">=", 1.0))
-        streamed = Row("s3_blob_streamed_1", "S3: warm blob GET, 1 stream, vs Distribution not redirecting",
-                       "MiB/s", "higher", None)
+        # The targets compare like with like: both redirecting clients to the gateway, or both streaming the
+        # bytes themselves. The mirror streaming against Distribution redirecting (an extra hop against none, on
+        # a machine whose two cores Ceph already half fills) is shown without a target.
+        warm = Row("s3_blob_1", f"S3: warm blob GET, 1 stream ({big} blob), mirror streaming vs Distribution "
+                   "redirecting", "MiB/s", "higher", None)
+        redirect = Row("s3_blob_redirect_1", "S3: warm blob GET, 1 stream, both redirecting (mirror redirect: true)",
+                       "MiB/s", "higher", Target("ratio", ">=", 1.0))
+        streamed = Row("s3_blob_streamed_1", "S3: warm blob GET, 1 stream, both streaming", "MiB/s", "higher",
+                       Target("ratio", ">=", 1.0))
         scale = [Row(f"s3_scale_{count}", f"S3: warm blob GETs, {clients} clients, {count} instance"
-                     + ("" if count == 1 else "s vs 1 (in the Distribution column)"), "MiB/s", "higher",
-                     Target("ratio", ">=", 1.0) if count == 1 else None) for count in S3_SCALE]
+                     + (" vs Distribution redirecting" if count == 1 else "s vs 1 (in the Distribution column)"),
+                     "MiB/s", "higher", None) for count in S3_SCALE]
         rows = [cold, warm, redirect, streamed, *scale]
         if reason := s3_unavailable():
             for row in rows:

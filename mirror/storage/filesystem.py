@@ -181,20 +181,13 @@ class FileReader:
         os.close(self.fd)
 
 
-class FileBlobWriter:
-    """A resumable upload backed by ``uploads/<session>/data``, holding the session's ``lock`` until ``close``,
-    ``commit`` or ``cancel``: the only writer of the session meanwhile."""
+class FileAppender:
+    """What every writer does with incoming bytes: append them to its raw file ``_file`` and feed them to its
+    running hash ``_hasher`` (if it has one), the two possibly on two threads."""
 
-    def __init__(self, store: FilesystemBlobStore, session: str, lock: FileLock, hasher: Hasher | None):
-        self.id = session
-        self._store = store
-        self._folder = store.layout.session(session)
-        self.path = self._folder / "data"
-        self._lock: FileLock | None = lock
-        # unbuffered, so a pull-through fetch's followers can read every byte as soon as it is written
-        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned until close/commit/cancel
-        self.size = self._file.tell()
-        self._hasher = hasher if hasher is not None and hasher.size == self.size else None
+    size: int
+    _file: BinaryIO
+    _hasher: Hasher | None
 
     def write(self, data: bytes) -> None:
         """Append ``data``."""
@@ -215,6 +208,22 @@ class FileBlobWriter:
         except OSError as exc:
             raise storage_error(exc) from exc
         self.size += len(data)
+
+
+class FileBlobWriter(FileAppender):
+    """A resumable upload backed by ``uploads/<session>/data``, holding the session's ``lock`` until ``close``,
+    ``commit`` or ``cancel``: the only writer of the session meanwhile."""
+
+    def __init__(self, store: FilesystemBlobStore, session: str, lock: FileLock, hasher: Hasher | None):
+        self.id = session
+        self._store = store
+        self._folder = store.layout.session(session)
+        self.path = self._folder / "data"
+        self._lock: FileLock | None = lock
+        # unbuffered, so a pull-through fetch's followers can read every byte as soon as it is written
+        self._file = open(self.path, "ab", buffering=0)  # noqa: SIM115 - owned until close/commit/cancel
+        self.size = self._file.tell()
+        self._hasher = hasher if hasher is not None and hasher.size == self.size else None
 
     def flush(self) -> None:
         """Nothing: every appended byte is in the file already, where readers see it."""

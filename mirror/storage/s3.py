@@ -24,7 +24,6 @@ import logging
 import os
 import tempfile
 import threading
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
@@ -45,15 +44,17 @@ from mirror.errors import (
     DigestInvalid,
     StorageUnavailable,
 )
-from mirror.storage.filesystem import FileReader, storage_error
+from mirror.storage.filesystem import FileAppender, FileReader, storage_error
 from mirror.storage.paths import blob_key, upload_key, upload_part_key
 
 log = logging.getLogger("mirror.storage.s3")
 PART = 8 << 20  # bytes of a part object
-PARTS_IN_FLIGHT = 4  # part uploads one writer may have running at once
-UPLOADS = futures.ThreadPoolExecutor(16, thread_name_prefix="s3-part")  # every writer's part uploads
+# Every writer's part uploads, so many at once (each holds its part in memory while it runs); the others wait
+# in line, their bytes in the spool file.
+UPLOADS = futures.ThreadPoolExecutor(8, thread_name_prefix="s3-part")
 MIN_COPY_PART = 5 << 20  # S3's smallest multipart part (but the last)
 CHUNK = 1 << 20
+STREAM_CHUNK = 2 << 20  # bytes of a blob read from the bucket at a time while one more goes out to the client
 TRASH = "state/gc-trash"
 _ABSENT = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
 
@@ -200,6 +201,14 @@ def _read_body(answer: dict[str, Any]) -> bytes:
         raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
 
 
+def _read_chunk(body: Any) -> bytes:
+    """The next ``STREAM_CHUNK`` bytes (fewer at the end) of a GetObject body."""
+    try:
+        return body.read(STREAM_CHUNK)
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
+
+
 class _Body(io.RawIOBase):
     """A GetObject body as a readable binary file (for callers that read a blob like a file)."""
 
@@ -291,11 +300,15 @@ class S3BlobStore:
         answer = await asyncio.to_thread(self.bucket.get, blob_key(digest), Range=f"bytes={start}-{end - 1}")
         if answer is None:
             raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)})
-        body = _Body(answer)
+        body = answer["Body"]
+        reading = asyncio.ensure_future(asyncio.to_thread(_read_chunk, body))
         try:
-            while chunk := await asyncio.to_thread(body.read, CHUNK):
+            while chunk := await reading:
+                reading = asyncio.ensure_future(asyncio.to_thread(_read_chunk, body))  # the next, while this goes out
                 yield chunk
         finally:
+            with contextlib.suppress(Exception):
+                await reading  # a thread cannot be stopped: let it finish before the body goes
             body.close()
 
     def presigned(self, digest: Digest, seconds: int = 1200) -> str:
@@ -447,10 +460,12 @@ class S3BlobStore:
         raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)})
 
 
-class S3BlobWriter:
+class S3BlobWriter(FileAppender):
     """An upload in part objects. Bytes land in a spool file on local scratch space at once (where this process's
-    readers follow them), and every ``PART`` of them is written as the next part object by up to
-    ``PARTS_IN_FLIGHT`` uploads at a time, so neither the upstream nor the clients wait for the bucket."""
+    readers follow them), and every ``PART`` of them is queued for upload as the next part object (``UPLOADS``),
+    so neither the upstream nor the clients wait for the bucket; ``flush`` waits for it. While ``eager`` is off
+    the parts are uploaded only by ``flush``: a pull-through fetch nobody on another instance follows leaves the
+    bucket alone until its clients have every byte."""
 
     def __init__(self, store: S3BlobStore, session: str, parts: list[tuple[int, int]], hasher: Hasher | None):
         self.id = session
@@ -459,52 +474,35 @@ class S3BlobWriter:
         self.flushed = sum(size for _, size in parts)  # bytes from 0 that are in part objects
         self.size = self._queued = self._base = self.flushed  # the spool holds the bytes from _base on
         try:
-            self._spool = tempfile.TemporaryFile(dir=store.spool, buffering=0)  # noqa: SIM115 - owned until done
+            self._file = tempfile.TemporaryFile(dir=store.spool, buffering=0)  # noqa: SIM115 - owned until done
         except OSError as exc:
             raise storage_error(exc) from exc
         self._pending: dict[int, Future[int]] = {}  # offset -> upload of the part from there
         self._hasher = hasher if hasher is not None else (Hasher() if not parts else None)
         self._done = False
         self._lost = False  # another writer of the session wrote first: this one leaves the session alone
-
-    def write(self, data: bytes) -> None:
-        """Append ``data``."""
-        self.append(data)
-        self.hash(data)
-
-    def hash(self, data: bytes) -> None:
-        """Feed the next ``data`` to the running hash (``append`` does not)."""
-        if self._hasher is not None:
-            self._hasher.update(data)
+        self.eager = True
 
     def append(self, data: bytes) -> None:
-        """Append ``data`` to the spool without hashing it; a full part starts uploading."""
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[self._spool.write(view):]
-        except OSError as exc:
-            raise storage_error(exc) from exc
-        self.size += len(data)
-        while self.size - self._queued >= PART:
+        """Append ``data`` to the spool without hashing it; a full part is queued for upload."""
+        super().append(data)
+        while self.eager and self.size - self._queued >= PART:
             self._upload(PART)
         self._settle(wait=False)
 
     def _upload(self, length: int) -> None:
-        """Start uploading the next ``length`` spooled bytes as a part, once fewer than PARTS_IN_FLIGHT are."""
-        while len(self._pending) >= PARTS_IN_FLIGHT:
-            self._settle(wait=True, first_only=True)
+        """Queue the next ``length`` spooled bytes for upload as a part."""
         offset = self._queued
         self._pending[offset] = UPLOADS.submit(self._put_part, offset, length)
         self._queued += length
 
     def _put_part(self, offset: int, length: int) -> int:
-        data = os.pread(self._spool.fileno(), length, offset - self._base)
+        data = os.pread(self._file.fileno(), length, offset - self._base)
         if not self._bucket.put(upload_part_key(self.id, offset), data, create=True):
             raise BlobUploadInvalid(f"another request is writing to upload {self.id}", detail={"session": self.id})
         return length
 
-    def _settle(self, wait: bool, first_only: bool = False) -> None:
+    def _settle(self, wait: bool) -> None:
         """Count the uploads done, in order (waiting for them with ``wait``); raise the first that failed."""
         for offset in sorted(self._pending):
             upload = self._pending[offset]
@@ -518,8 +516,6 @@ class S3BlobWriter:
             del self._pending[offset]
             self.parts.append((offset, length))
             self.flushed = offset + length
-            if first_only:
-                return
 
     def flush(self) -> None:
         """Write every spooled byte as part objects (readable by other instances) and wait until they are; raise
@@ -531,7 +527,7 @@ class S3BlobWriter:
     def reader(self) -> FileReader:
         """Random access to the bytes written so far, for readers following the writes (from the spool: it
         stays readable through this descriptor after the writer is done)."""
-        return FileReader(os.dup(self._spool.fileno()), self._base)
+        return FileReader(os.dup(self._file.fileno()), self._base)
 
     def close(self) -> None:
         """Write what is spooled and keep the session for a later request."""
@@ -542,7 +538,7 @@ class S3BlobWriter:
             self.flush()
             self._store.remember(self.id, self._hasher)
         finally:
-            self._spool.close()
+            self._file.close()
 
     def digest(self, algorithm: str = "sha256") -> Digest | None:
         """The digest of the bytes written so far, when they were hashed on the way in."""
@@ -602,7 +598,7 @@ class S3BlobWriter:
         futures.wait(self._pending.values())
         self._pending.clear()
         self._done = True
-        self._spool.close()
+        self._file.close()
         if self._lost:
             return
         self._store.forget(self.id)
@@ -667,16 +663,3 @@ def probe(bucket: Bucket) -> str | None:
     except StorageUnavailable as exc:
         return f"object storage is not writable: {exc.message}"
     return None
-
-
-def wait_for(bucket: Bucket, timeout: float) -> None:
-    """Wait until the bucket answers, up to ``timeout`` seconds; raise StorageUnavailable after that."""
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            bucket.call("head_bucket")
-            return
-        except (StorageUnavailable, botocore.exceptions.ClientError) as exc:
-            if time.monotonic() > deadline:
-                raise StorageUnavailable(f"bucket {bucket.name} cannot be used: {exc}") from exc
-            time.sleep(0.2)

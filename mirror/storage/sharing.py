@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from typing import TYPE_CHECKING, Any
 
 from mirror.digest import Digest
@@ -20,12 +21,13 @@ from mirror.errors import FetchAbandoned
 from mirror.storage.s3 import list_parts, read_parts
 
 if TYPE_CHECKING:
-    from mirror.storage.coordination import Claim
+    from mirror.storage.coordination import Claim, Coordination
     from mirror.storage.s3 import S3BlobWriter
     from mirror.storage.store import Store
 
 CLAIM_TTL = 6.0  # seconds a dead instance's claim outlives it
 POLL = 0.05  # seconds between looks at a fetch another instance is doing
+FOLLOWED_CHECK = 0.2  # seconds between the fetching instance's looks for followers on other instances
 _LOCAL: set[Digest] = set()  # claims of this process while there is no Redis
 _LOCAL_LOCK = threading.Lock()
 
@@ -34,20 +36,25 @@ def _key(digest: Digest) -> str:
     return f"fetch:{digest}"
 
 
+def _followed(digest: Digest) -> str:
+    return f"followed:{digest}"
+
+
 class SharedFetchClaim:
     """This instance's exclusive right to fetch a blob, published in Redis for the other instances."""
 
-    def __init__(self, digest: Digest, claim: Claim | None):
-        self.digest, self._claim = digest, claim
+    def __init__(self, digest: Digest, claim: Claim | None, coordination: Coordination | None = None):
+        self.digest, self._claim, self._coordination = digest, claim, coordination
         self._info: dict[str, Any] = {}
         self._writer: S3BlobWriter | None = None
+        self._looked = 0.0
 
     @classmethod
     def take(cls, store: Store, digest: Digest) -> SharedFetchClaim | None:
         """The claim on ``digest``, or None while another process or instance holds it."""
         if store.coordination is not None:
             claim = store.coordination.claim(_key(digest), {}, ttl=CLAIM_TTL)
-            return None if claim is None else cls(digest, claim)
+            return None if claim is None else cls(digest, claim, store.coordination)
         with _LOCAL_LOCK:
             if digest in _LOCAL:
                 return None
@@ -55,14 +62,23 @@ class SharedFetchClaim:
         return cls(digest, None)
 
     def publish(self, writer: S3BlobWriter, size: int | None) -> None:
-        """Name the upload session receiving the bytes."""
+        """Name the upload session receiving the bytes; its parts go to the bucket as they fill only once another
+        instance follows (until then the bucket would only slow this instance's own clients)."""
         self._writer = writer
+        writer.eager = False
         self._update(session=writer.id, size=size, flushed=0, verified=False)
 
     def progress(self, written: int) -> None:
-        """Publish how many bytes the other instances can read from part objects now."""
-        if self._writer is not None and self._writer.flushed != self._info.get("flushed"):
-            self._update(flushed=self._writer.flushed)
+        """Publish how many bytes the other instances can read from part objects now, and upload parts as they
+        fill once another instance follows."""
+        writer = self._writer
+        if writer is None:
+            return
+        if not writer.eager and self._coordination is not None and time.monotonic() - self._looked > FOLLOWED_CHECK:
+            self._looked = time.monotonic()
+            writer.eager = self._coordination.marked(_followed(self.digest))
+        if writer.flushed != self._info.get("flushed"):
+            self._update(flushed=writer.flushed)
 
     def verified(self) -> None:
         """Publish that the bytes checked out: followers may release every byte."""
@@ -99,6 +115,7 @@ class SharedForeignFetch:
         """Follow the fetch of ``digest`` once its holder published its session; None when nobody holds it."""
         if store.coordination is None:
             return None
+        await asyncio.to_thread(store.coordination.mark, _followed(digest), CLAIM_TTL)
         while True:
             info = await asyncio.to_thread(store.coordination.holder, _key(digest))
             if info is None:
