@@ -177,8 +177,12 @@ class FetchFollower:
         self.fetch, self.rejoin = fetch, rejoin
         self.size = fetch.size
 
-    async def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+    def chunks(self, start: int, end: int | None) -> AsyncIterator[bytes]:
         """Yield ``[start, end)`` as the fetch writes it; raise the fetch's error if it fails."""
+        return self._follow(start, end) if self.rejoin is None else self._relay(start, end)
+
+    async def _relay(self, start: int, end: int | None) -> AsyncIterator[bytes]:
+        """``_follow`` another process's fetch, going on from a new source when it stops halfway."""
         position, digest = start, self.fetch.digest
         checked = getattr(self.fetch, "verify", False) and start == 0 and self.size is not None and end == self.size
         hasher = Hasher(digest.algorithm) if checked else None
