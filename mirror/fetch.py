@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import threading
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable, Hashable
@@ -293,21 +292,7 @@ class Fetcher:
                                                                                       NEGATIVE_TTL)
         self._stale = Marks(STALE_RETRY)
         if coordination is not None:
-            coordination.watch(self._redis_changed)
-
-    def _redis_changed(self, up: bool) -> None:
-        """Show whether Redis answers; once it does, refill the shared access index if Redis lost it (on a
-        thread of its own: it may walk the whole store)."""
-        self.metrics.redis_up.set(int(up))
-        if up:
-            threading.Thread(target=self._rebuild_access_index, name="rebuild-access-index", daemon=True).start()
-
-    def _rebuild_access_index(self) -> None:
-        try:
-            if rebuilt := self.store.rebuild_access_index():
-                log.info("rebuilt the shared access index from the store: %d cached blobs", rebuilt)
-        except MirrorError as exc:
-            log.warning("cannot rebuild the shared access index: %s", exc.message)
+            coordination.watch(lambda up: metrics.redis_up.set(int(up)))
 
     def client(self, upstream: Upstream) -> UpstreamClient:
         """The client of ``upstream``."""
@@ -357,7 +342,6 @@ class Fetcher:
                     await confirm()
                 await fetch.started.wait()
                 return FetchFollower(fetch)
-            rejoin = functools.partial(self.blob, upstream, path, repository, digest, confirm)
             if (size := blobs.stat(digest)) is not None:
                 await confirm()
                 self.store.access.touch(digest)
@@ -367,7 +351,8 @@ class Fetcher:
                 foreign = await self.store.join_fetch(digest)
                 if foreign is not None:
                     await confirm()
-                    return FetchFollower(foreign, rejoin)
+                    return FetchFollower(foreign, functools.partial(self.blob, upstream, path, repository, digest,
+                                                                    confirm))
                 continue  # it committed or gave up: look again
             if blobs.stat(digest) is not None:  # committed by another worker just before we took the claim
                 claim.release()
@@ -387,7 +372,7 @@ class Fetcher:
 
         def wrote(count: int) -> None:
             fetch.wrote(count)
-            claim.progress(fetch.written)
+            claim.progress()
 
         try:
             async with self.client(upstream).stream_blob(path, fetch.digest) as stream:
@@ -408,7 +393,7 @@ class Fetcher:
                 finally:
                     await appending.close()
             await asyncio.to_thread(writer.flush)
-            claim.progress(fetch.written)
+            claim.progress()
             if fetch.done:
                 claim.verified()
             await asyncio.to_thread(self._make_room, fetch.digest, fetch.written)
@@ -451,7 +436,8 @@ class Fetcher:
             return 0
         if self.store.coordination is None:
             return self._evict(limit, incoming)
-        self.store.rebuild_access_index()  # nothing unless Redis lost it, e.g. restarted without persistence
+        if rebuilt := self.store.rebuild_access_index():  # nothing unless Redis lost the index since
+            log.info("rebuilt the shared access index from the store: %d cached blobs", rebuilt)
         with self.store.coordination.exclusive("evict") as held:  # one instance at a time; the others go on
             return self._evict(limit, incoming) if held else 0
 

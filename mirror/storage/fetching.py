@@ -51,7 +51,7 @@ class FetchClaim:
         """Tell the other workers which upload session receives the bytes."""
         write_atomic(self.note, json.dumps({"session": writer.id, "size": size}).encode(), durable=False)
 
-    def progress(self, written: int) -> None:
+    def progress(self) -> None:
         """Nothing: the other workers see the session file grow."""
 
     def verified(self) -> None:

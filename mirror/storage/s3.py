@@ -192,21 +192,19 @@ class S3Objects:
         self.bucket.delete(*(f"{folder}/{name}" for name, _, _ in self.bucket.list(folder, delimiter=False)))
 
 
+def _read(body: Any, size: int | None = None) -> bytes:
+    """The next ``size`` bytes (fewer at the end; all when None) of a GetObject body; a transfer cut short is
+    StorageUnavailable."""
+    try:
+        return body.read(size)
+    except (botocore.exceptions.BotoCoreError, OSError) as exc:
+        raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
+
+
 def _read_body(answer: dict[str, Any]) -> bytes:
-    """Read a GetObject answer's body whole; a transfer cut short is StorageUnavailable."""
-    try:
-        with contextlib.closing(answer["Body"]) as body:
-            return body.read()
-    except (botocore.exceptions.BotoCoreError, OSError) as exc:
-        raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
-
-
-def _read_chunk(body: Any) -> bytes:
-    """The next ``STREAM_CHUNK`` bytes (fewer at the end) of a GetObject body."""
-    try:
-        return body.read(STREAM_CHUNK)
-    except (botocore.exceptions.BotoCoreError, OSError) as exc:
-        raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
+    """Read a GetObject answer's body whole."""
+    with contextlib.closing(answer["Body"]) as body:
+        return _read(body)
 
 
 class _Body(io.RawIOBase):
@@ -221,10 +219,7 @@ class _Body(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         """Fill ``buffer`` from the body."""
-        try:
-            data = self._body.read(len(buffer))
-        except (botocore.exceptions.BotoCoreError, OSError) as exc:
-            raise StorageUnavailable(f"object storage transfer failed: {exc}") from exc
+        data = _read(self._body, len(buffer))
         buffer[:len(data)] = data
         return len(data)
 
@@ -255,10 +250,10 @@ class ThreadReader:
 class S3BlobStore:
     """The BlobStore in a bucket; uploads are part objects (see the module docstring)."""
 
-    def __init__(self, bucket: Bucket, secret: bytes, spool: Path):
+    def __init__(self, bucket: Bucket, spool: Path, signing_key: Callable[[], bytes]):
         self.bucket, self.spool = bucket, spool
         spool.mkdir(parents=True, exist_ok=True)
-        self._secret = secret
+        self._signing_key = signing_key
         self._hashers: dict[str, Hasher] = {}  # running hashes of sessions this process wrote last
         self._lock = threading.Lock()
 
@@ -301,10 +296,10 @@ class S3BlobStore:
         if answer is None:
             raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)})
         body = answer["Body"]
-        reading = asyncio.ensure_future(asyncio.to_thread(_read_chunk, body))
+        reading = asyncio.ensure_future(asyncio.to_thread(_read, body, STREAM_CHUNK))
         try:
-            while chunk := await reading:
-                reading = asyncio.ensure_future(asyncio.to_thread(_read_chunk, body))  # the next, while this goes out
+            while chunk := await reading:  # read the next chunk while this one goes out
+                reading = asyncio.ensure_future(asyncio.to_thread(_read, body, STREAM_CHUNK))
                 yield chunk
         finally:
             with contextlib.suppress(Exception):
@@ -356,6 +351,11 @@ class S3BlobStore:
         with self._lock:
             hasher = self._hashers.pop(session, None)
         return S3BlobWriter(self, session, parts, hasher if hasher is not None and hasher.size == size else None)
+
+    @functools.cached_property
+    def _secret(self) -> bytes:
+        """The key that signs upload records, asked for the first time one is signed or checked."""
+        return self._signing_key()
 
     def _sign(self, session: str, record: bytes) -> bytes:
         return hmac.new(self._secret, session.encode() + record, hashlib.sha256).hexdigest().encode()

@@ -68,7 +68,7 @@ class SharedFetchClaim:
         writer.eager = False
         self._update(session=writer.id, size=size, flushed=0, verified=False)
 
-    def progress(self, written: int) -> None:
+    def progress(self) -> None:
         """Publish how many bytes the other instances can read from part objects now, and upload parts as they
         fill once another instance follows."""
         writer = self._writer

@@ -130,7 +130,7 @@ class Store:
         if not SECRET_PATTERN.fullmatch(name):
             raise StorageError(f"invalid secret name {name[:100]!r}")
         if self._shared_secret is not None:
-            return derived_secret(self._shared_secret, name)
+            return hmac.new(self._shared_secret.encode(), name.encode(), hashlib.sha256).digest()
         if self.shared:
             from mirror.storage.s3 import kept_secret
             return kept_secret(self.blobs.bucket, name, generate)  # type: ignore[attr-defined]
@@ -227,16 +227,12 @@ def connect(config: Config) -> Store:
                            f"{LAYOUT_VERSION}: upgrade the mirror")
     if version is None:
         bucket.put("layout-version", f"{LAYOUT_VERSION}\n".encode())
-    signing = (derived_secret(config.secret, "upload.key") if config.secret is not None
-               else s3.kept_secret(bucket, "upload.key", lambda: uuid.uuid4().bytes * 2))
     root = Path(config.storage.root)
-    return Store(root, s3.S3Objects(bucket), s3.S3BlobStore(bucket, signing, Layout(root).uploads),
-                 coordination, config.secret)
-
-
-def derived_secret(secret: str, name: str) -> bytes:
-    """Secret ``name`` derived from the configured ``secret``: the same on every instance that shares it."""
-    return hmac.new(secret.encode(), name.encode(), hashlib.sha256).digest()
+    # the blob store signs upload records with a secret of the store it belongs to, asked for on first use
+    blobs = s3.S3BlobStore(bucket, Layout(root).uploads,
+                           lambda: store.secret("upload.key", lambda: uuid.uuid4().bytes * 2))
+    store = Store(root, s3.S3Objects(bucket), blobs, coordination, config.secret)
+    return store
 
 
 def location(config: Config) -> str:
