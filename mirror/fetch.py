@@ -44,6 +44,7 @@ HOSTED, HIT, MISS = "hosted", "hit", "miss"  # where a blob or manifest came fro
 NEGATIVE_TTL = 15.0  # seconds an upstream 404 is remembered
 STALE_RETRY = 10.0  # seconds a failed revalidation is not retried (unless its upstream came back meanwhile)
 MARKS = 10_000  # remembered keys, beyond which expired ones are forgotten
+RECENT = 8 << 20  # bytes a fetch keeps in memory after they are written: followers close behind read them there
 T = TypeVar("T")
 
 
@@ -88,7 +89,8 @@ class Fetch:
     """One upstream GET of a missing blob, written to an upload session and followed by every client.
 
     Bytes received but not yet on disk stay in memory, so clients are not held up by a disk slower than
-    the upstream; ``BackgroundAppend`` bounds how many.
+    the upstream (``BackgroundAppend`` bounds how many); so do the last ``RECENT`` bytes received, so clients
+    keeping pace are sent them without reading them back from the disk.
     """
 
     def __init__(self, store: Store, digest: Digest, repository: str):
@@ -100,7 +102,7 @@ class Fetch:
         self.finished = False  # committed or failed
         self.error: MirrorError | None = None
         self.started = asyncio.Event()
-        self._unwritten: deque[tuple[int, bytes]] = deque()  # (offset, chunk) received, not yet written
+        self._held: deque[tuple[int, bytes]] = deque()  # (offset, chunk) received, not yet written or recent
         self._progress = asyncio.Event()
         self._source: Reader | None = None
 
@@ -109,23 +111,26 @@ class Fetch:
         self._source = writer.reader()
 
     def receive(self, chunk: bytes) -> None:
-        """Hold the next ``chunk`` from upstream in memory until it is written, and wake the followers."""
-        self._unwritten.append((self.available, chunk))
+        """Hold the next ``chunk`` from upstream in memory until it is written and not recent, and wake the
+        followers."""
+        self._held.append((self.available, chunk))
         self.available += len(chunk)
         self._wake()
 
     def wrote(self, count: int) -> None:
-        """Record ``count`` more bytes written to the session file, and let go of them in memory."""
+        """Record ``count`` more bytes written to the session file, and let go of those no longer recent."""
         self.written += count
-        while self._unwritten and self._unwritten[0][0] + len(self._unwritten[0][1]) <= self.written:
-            self._unwritten.popleft()
+        held = self._held
+        while held and held[0][0] + len(held[0][1]) <= min(self.written, self.available - RECENT):
+            held.popleft()
 
     async def read(self, reader: Reader, position: int, size: int) -> bytes:
-        """Up to ``size`` received bytes from ``position``: from memory if not yet written, else from ``reader``."""
-        if position >= self.written:
-            for offset, chunk in self._unwritten:
-                if offset <= position < offset + len(chunk):
+        """Up to ``size`` received bytes from ``position``: from memory while held there, else from ``reader``."""
+        for offset, chunk in reversed(self._held):  # from the newest: followers are mostly close behind
+            if offset <= position:
+                if position < offset + len(chunk):
                     return chunk[position - offset:position - offset + size]
+                break
         return await reader.read(position, size)
 
     def verified(self) -> None:

@@ -50,6 +50,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from mirror import events
+from mirror.config import Upstream
 from mirror.storage import Store, StoreStats
 from mirror.upstream.client import upstream_transport
 
@@ -144,9 +145,9 @@ class Metrics:
         self.evictions.inc(count)
         self.evicted.inc(size)
 
-    def transport(self, upstream: str) -> UpstreamTransport:
+    def transport(self, upstream: Upstream) -> UpstreamTransport:
         """An HTTP transport for the clients of ``upstream`` that feeds the upstream metrics."""
-        return UpstreamTransport(self, upstream, upstream_transport())
+        return UpstreamTransport(self, upstream.name, upstream_transport(upstream))
 
     async def exposition(self) -> bytes:
         """The metrics in the Prometheus text format (the store walked first, in a thread, when stale)."""

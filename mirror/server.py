@@ -99,7 +99,7 @@ def build(config: Config, activity: Activity | None = None, metrics: Metrics | N
     registry = Registry(store)
     metrics = metrics or Metrics(store)
     fetcher = Fetcher(config, store, metrics,
-                      lambda upstream: UpstreamClient(upstream, metrics.transport(upstream.name)))
+                      lambda upstream: UpstreamClient(upstream, metrics.transport(upstream)))
     repositories = Repositories(config, registry, fetcher)
     auth = None if config.auth is None else Auth.from_config(config.auth, store, repositories.resolve)
     events = Events(config, store.queues)

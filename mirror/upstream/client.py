@@ -104,9 +104,16 @@ class BlobStream:
             yield chunk
 
 
-def upstream_transport() -> ThreadedTransport:
-    """The transport of upstream requests: urllib3, its network I/O on threads (see ``transport.py``)."""
-    return ThreadedTransport(Urllib3Transport(KEEPALIVE), threads=2 * MAX_REQUESTS)  # requests, and bodies read
+def upstream_egress(upstream: Upstream) -> Egress:
+    """How ``upstream``'s requests leave: its proxy and TLS settings (see ``transport.py``)."""
+    return Egress(upstream.proxy, upstream.ca_file, upstream.tls_verify)
+
+
+def upstream_transport(upstream: Upstream) -> ThreadedTransport:
+    """The transport of ``upstream``'s requests: urllib3, its connection pools made now, its network I/O on
+    threads (see ``transport.py``)."""
+    return ThreadedTransport(Urllib3Transport(KEEPALIVE, [upstream_egress(upstream)]),
+                             threads=2 * MAX_REQUESTS)  # requests, and bodies read
 
 
 class UpstreamClient:
@@ -120,8 +127,8 @@ class UpstreamClient:
             log.warning("upstream %s (%s) has tls_verify: false: its TLS certificates, and those of its token realm "
                         "and blob storage, are NOT verified, so anyone on the network path can impersonate them",
                         upstream.name, upstream.url)
-        egress = Egress(upstream.proxy, upstream.ca_file, upstream.tls_verify)  # see transport.py
-        options = {"transport": EgressTransport(transport or upstream_transport(), egress), "timeout": timeout,
+        egress = upstream_egress(upstream)
+        options = {"transport": EgressTransport(transport or upstream_transport(upstream), egress), "timeout": timeout,
                    "trust_env": False, "headers": {"User-Agent": USER_AGENT, "Accept-Encoding": "identity"}}
         self._token_http = httpx.AsyncClient(**options)
         self._http = httpx.AsyncClient(base_url=upstream.url, auth=RegistryAuth(upstream, self._token_http, clock),

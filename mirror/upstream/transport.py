@@ -38,7 +38,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,17 +126,20 @@ class EgressTransport(httpx.AsyncBaseTransport):
 
 
 class Urllib3Transport(httpx.BaseTransport):
-    """A synchronous httpx transport over urllib3, keeping up to ``keepalive`` idle connections per host.
+    """A synchronous httpx transport over urllib3, keeping up to ``keepalive`` idle connections per host, with
+    the connection pools of ``egresses`` ready before the first request (others' are made on first use).
 
     It sends each request as it is (redirects are the httpx client's to follow, retries nobody's), the way its
     ``EGRESS`` says (see the module docstring; proxy variables are the config's to read), and raises httpx's
     exceptions.
     """
 
-    def __init__(self, keepalive: int):
+    def __init__(self, keepalive: int, egresses: Iterable[Egress] = ()):
         self._keepalive = keepalive
         self._managers: dict[Egress, urllib3.PoolManager] = {}
         self._managers_lock = threading.Lock()
+        for egress in egresses:  # made now, not on the first request: loading the CA store takes tens of ms
+            self._manager(egress)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         """Send ``request`` and return the response with its body still to be read."""
