@@ -118,6 +118,7 @@ class S3Storage:
     region: str = "us-east-1"
     prefix: str = ""  # "" or ending with "/": where the store's keys start inside the bucket
     redirect: bool = False  # answer blob GETs with presigned URLs (307) instead of streaming the bytes
+    timeout: float = 20.0  # seconds a request to the storage waits for an answer before it counts as not answering
 
 
 @dataclass(frozen=True)
@@ -414,7 +415,7 @@ def _s3(raw: Any) -> S3Storage | None:
     if not isinstance(raw, dict):
         raise ConfigError("storage.s3", "must be a mapping with endpoint, bucket, access_key and secret_key")
     _known_keys(raw, "storage.s3.", {"endpoint", "bucket", "region", "access_key", "secret_key", "prefix",
-                                     "redirect"})
+                                     "redirect", "timeout"})
     endpoint = _string(raw.get("endpoint"), "storage.s3.endpoint", "an http:// or https:// URL")
     try:
         parts = urlsplit(endpoint)
@@ -446,7 +447,9 @@ def _s3(raw: Any) -> S3Storage | None:
                           "empty, '.' or '..' names), such as prod/")
     return S3Storage(endpoint=endpoint.rstrip("/"), bucket=bucket, access_key=access_key, secret_key=secret_key,
                      region=region, prefix=prefix,
-                     redirect=_boolean(raw.get("redirect", S3Storage.redirect), "storage.s3.redirect"))
+                     redirect=_boolean(raw.get("redirect", S3Storage.redirect), "storage.s3.redirect"),
+                     timeout=_positive(parse_duration(raw.get("timeout", S3Storage.timeout), "storage.s3.timeout"),
+                                       "storage.s3.timeout"))
 
 
 def _redis(value: Any) -> str | None:

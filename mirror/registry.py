@@ -165,7 +165,8 @@ class Registry:
         self.blobs.writer(session).cancel()
 
     def expire_uploads(self, max_age: float, dry_run: bool = False) -> dict[str, int]:
-        """Delete upload sessions idle longer than ``max_age`` seconds (unless ``dry_run``); return their sizes."""
+        """Delete upload sessions idle longer than ``max_age`` seconds, and what commits that died halfway that
+        long ago left (unless ``dry_run``); return their sizes."""
         cutoff = time.time() - max_age
         expired: dict[str, int] = {}
         for session, mtime in list(self.blobs.sessions()):
@@ -176,7 +177,7 @@ class Registry:
                 if not dry_run:
                     self.blobs.writer(session).cancel()
                 expired[session] = size
-        return expired
+        return expired | self.blobs.expire_assemblies(cutoff, dry_run)
 
     def _check_session(self, name: str, session: str) -> None:
         if self.blobs.session_repository(session) != check_name(name):

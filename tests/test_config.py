@@ -202,6 +202,7 @@ VALID_S3 = [  # (key, value as written, value loaded)
     ("prefix", "", ""), ("prefix", "prod/", "prod/"), ("prefix", "a/b.c/", "a/b.c/"),
     ("prefix", "Team_(1)!*'-x/", "Team_(1)!*'-x/"), ("prefix", "..a/", "..a/"),
     ("redirect", True, True), ("redirect", False, False),
+    ("timeout", 5, 5.0), ("timeout", "1m", 60.0), ("timeout", 0.5, 0.5),
 ]
 INVALID_S3 = [  # (key, value): refused, naming storage.s3.<key>
     *(("endpoint", value) for value in [
@@ -216,6 +217,7 @@ INVALID_S3 = [  # (key, value): refused, naming storage.s3.<key>
     *(("prefix", value) for value in [
         "prod", "/prod/", "/", "a//", "a/../", "../", "./", "a/./b/", "a b/", "ü/", "a\\b/", "a?b/", None]),
     ("redirect", "true"), ("redirect", None),
+    ("timeout", 0), ("timeout", -1), ("timeout", "soon"), ("timeout", None),
 ]
 VALID_REDIS = ["redis://redis.example:6379/0", "redis://redis.example", "redis://redis.example/",
                "rediss://:pw@redis.example:6380/15", "redis://user:pw@10.0.0.5/2", "redis://[::1]:6379",

@@ -325,7 +325,8 @@ def test_a_bundle_imported_through_one_instance_config_is_served_by_all_and_dock
 
 class Cuttable:
     """A TCP forwarder to the gateway that a test can cut (every connection dropped, new ones refused) and
-    restore: object storage that goes away and comes back."""
+    restore: object storage that goes away and comes back; or hang (connections kept, no byte passed on) and
+    resume: object storage that stops answering."""
 
     def __init__(self, target: str):
         host, port = httpx.URL(target).host, httpx.URL(target).port
@@ -333,6 +334,8 @@ class Cuttable:
         self.port = 0
         self._listener: socket.socket | None = None
         self._connections: list[socket.socket] = []
+        self._flowing = threading.Event()
+        self._flowing.set()
         self.restore()
 
     @property
@@ -345,6 +348,14 @@ class Cuttable:
         self._listener = socket.create_server(("127.0.0.1", self.port), reuse_port=True)
         self.port = self._listener.getsockname()[1]
         threading.Thread(target=self._accept, args=(self._listener,), daemon=True).start()
+
+    def hang(self) -> None:
+        """Keep every connection, and take new ones, but pass no more bytes on."""
+        self._flowing.clear()
+
+    def resume(self) -> None:
+        """Pass bytes on again, those held back first."""
+        self._flowing.set()
 
     def cut(self) -> None:
         """Drop every connection and stop listening."""
@@ -363,10 +374,10 @@ class Cuttable:
                 for source, sink in ((client, upstream), (upstream, client)):
                     threading.Thread(target=self._pipe, args=(source, sink), daemon=True).start()
 
-    @staticmethod
-    def _pipe(source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
         with contextlib.suppress(OSError):
             while data := source.recv(1 << 16):
+                self._flowing.wait()
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
@@ -396,6 +407,62 @@ def test_object_storage_going_away_gives_503_and_loses_nothing(tmp_path, ceph_rg
         push(server.url, "team/app", "2", build_image("s3-fault-after", layers=1))
         assert client.get("/v2/team/app/tags/list").json()["tags"] == ["1", "2"]
     forwarder.cut()
+
+
+def test_object_storage_that_stops_answering_costs_one_wait_not_one_per_request(tmp_path, ceph_rgw, bucket):
+    forwarder = Cuttable(ceph_rgw.endpoint)
+    config = s3_config(ceph_rgw, bucket, None, workers=1)
+    config["storage"]["s3"].update(endpoint=forwarder.endpoint, timeout=2)
+    image = build_image("s3-hang", layers=1)
+    manifest_headers = {"Accept": image.manifest.media_type}
+    with MirrorProcess(tmp_path / "mirror", config) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        push(server.url, "team/app", "1", image)
+        forwarder.hang()
+        first = client.get("/v2/team/app/manifests/1", headers=manifest_headers)
+        assert first.status_code == 503 and "did not answer" in first.json()["errors"][0]["message"], first.text
+        started = time.monotonic()
+        answers = [client.get("/v2/team/app/manifests/1", headers=manifest_headers),
+                   client.head(f"/v2/team/app/blobs/{image.layers[0].digest}"),
+                   client.get(f"/v2/team/app/blobs/{image.layers[0].digest}"),
+                   client.get("/v2/team/app/tags/list"),
+                   client.get("/readyz")]
+        # five requests that would each wait 2 s twice (timeout, one retry) if the instance waited every time
+        assert time.monotonic() - started < 4
+        assert [answer.status_code for answer in answers] == [503] * 5, [a.text[:200] for a in answers]
+        for answer in (answers[0], answers[2], answers[3]):
+            assert "is not answering" in answer.json()["errors"][0]["message"], answer.text
+        forwarder.resume()
+        deadline = time.monotonic() + 30
+        while (manifest := client.get("/v2/team/app/manifests/1", headers=manifest_headers)).status_code != 200:
+            assert time.monotonic() < deadline, manifest.text
+            time.sleep(0.5)
+        assert manifest.content == image.manifest.data
+        push(server.url, "team/app", "2", build_image("s3-hang-after", layers=1))
+        assert client.get("/v2/team/app/tags/list").json()["tags"] == ["1", "2"]
+        assert "Traceback" not in server.log() and "answers again" in server.log()
+    forwarder.cut()
+
+
+def test_gc_aborts_the_blob_assembly_a_commit_that_died_halfway_left(tmp_path, ceph_rgw, bucket):
+    s3 = ceph_rgw.client()
+    image = build_image("s3-assembly", layers=1)
+    server = MirrorProcess(tmp_path / "mirror", s3_config(ceph_rgw, bucket, None, storage={"upload_expiry": "1s"}))
+    with server:
+        push(server.url, "team/app", "1", image)
+    # what an instance killed between starting and completing a blob's multipart assembly leaves in the bucket
+    key = f"blobs/sha256/ab/{'ab' * 32}"
+    upload = s3.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
+    s3.upload_part(Bucket=bucket, Key=key, UploadId=upload, PartNumber=1, Body=b"x" * (5 << 20))
+    time.sleep(2)  # older than upload_expiry
+    dry = server.run_cli("gc", "--dry-run", check=True)
+    assert f"would remove expired upload assembly of {key} (5242880 bytes)" in dry.stdout, dry.stdout
+    assert [upload["Key"] for upload in s3.list_multipart_uploads(Bucket=bucket).get("Uploads", ())] == [key]
+    swept = server.run_cli("gc", check=True)
+    assert f"removed expired upload assembly of {key} (5242880 bytes)" in swept.stdout, swept.stdout
+    assert not s3.list_multipart_uploads(Bucket=bucket).get("Uploads")
+    with server, httpx.Client(base_url=server.url, timeout=60) as client:
+        pulled = client.get(f"/v2/team/app/blobs/{image.layers[0].digest}")
+        assert pulled.status_code == 200 and pulled.content == image.layers[0].data
 
 
 def test_redirect_answers_blob_gets_with_a_presigned_url_of_the_gateway(tmp_path, ceph_rgw, bucket):

@@ -89,6 +89,10 @@ class BlobStore(Protocol):
     def sessions(self) -> Iterator[tuple[str, float]]:
         """Every upload session with the time it was last written."""
 
+    def expire_assemblies(self, cutoff: float, dry_run: bool = False) -> dict[str, int]:
+        """Remove (unless ``dry_run``) what commits that died halfway, before time ``cutoff``, left behind; return
+        what it was, with its size."""
+
     def adopt(self, path: Path, digest: Digest) -> None:
         """Move the verified local file ``path`` in as blob ``digest``, never over the blob already there."""
 

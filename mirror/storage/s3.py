@@ -10,7 +10,10 @@ conditional PUT), so two writers of one session never overwrite each other's byt
 verifies the digest, and assembles them into ``blobs/<alg>/<hex[:2]>/<hex>`` inside the object storage
 (multipart copy: no byte travels through the instance again), then deletes the parts.
 
-Errors of the object storage become ``StorageUnavailable`` (503 to clients), never a traceback.
+Errors of the object storage become ``StorageUnavailable`` (503 to clients), never a traceback. Storage that
+stops answering (a call times out after ``storage.s3.timeout``) costs one wait, not one per request: from then
+on every call fails at once, while a thread of the bucket asks the storage every ``STALL_PROBE`` seconds whether
+it answers again.
 """
 from __future__ import annotations
 
@@ -24,6 +27,7 @@ import logging
 import os
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent import futures
@@ -57,6 +61,7 @@ CHUNK = 1 << 20
 STREAM_CHUNK = 2 << 20  # bytes of a blob read from the bucket at a time while one more goes out to the client
 TRASH = "state/gc-trash"
 _ABSENT = {"404", "NoSuchKey", "NotFound", "NoSuchUpload"}
+STALL_PROBE = 1.0  # seconds between the questions to object storage that stopped answering
 
 
 def _absent(exc: botocore.exceptions.ClientError) -> bool:
@@ -69,13 +74,20 @@ class Bucket:
     def __init__(self, settings: S3Storage):
         self.name, self.prefix = settings.bucket, settings.prefix
         self.settings = settings
-        self.client = boto3.session.Session().client(
+        self.client = self._client(settings.timeout, attempts=2, connections=64)
+        self._stalled = False  # a call timed out, and the storage has not answered since
+        self._stalled_lock = threading.Lock()
+
+    def _client(self, timeout: float, attempts: int, connections: int) -> Any:
+        """A client of the storage waiting ``timeout`` seconds for an answer (3 at most for a connection)."""
+        settings = self.settings
+        return boto3.session.Session().client(
             "s3", endpoint_url=settings.endpoint, region_name=settings.region,
             aws_access_key_id=settings.access_key, aws_secret_access_key=settings.secret_key,
             config=botocore.config.Config(
-                s3={"addressing_style": "path"}, signature_version="s3v4", max_pool_connections=64,
-                # a request waits at most seconds on storage that stopped answering, then gets 503
-                connect_timeout=3, read_timeout=20, retries={"max_attempts": 2, "mode": "standard"},
+                s3={"addressing_style": "path"}, signature_version="s3v4", max_pool_connections=connections,
+                connect_timeout=min(timeout, 3.0), read_timeout=timeout,
+                retries={"max_attempts": attempts, "mode": "standard"},
                 request_checksum_calculation="when_required", response_checksum_validation="when_required"))
 
     def key(self, key: str) -> str:
@@ -83,9 +95,17 @@ class Bucket:
         return f"{self.prefix}{key}"
 
     def call(self, operation: str, **arguments: Any) -> Any:
-        """Run one S3 ``operation`` on this bucket; raise StorageUnavailable for anything but an answer."""
+        """Run one S3 ``operation`` on this bucket; raise StorageUnavailable for anything but an answer, at once
+        while the storage is not answering."""
+        if self._stalled:
+            raise StorageUnavailable("object storage is not answering (a request to it timed out); requests fail "
+                                     "at once until it answers again")
         try:
             return getattr(self.client, operation)(Bucket=self.name, **arguments)
+        except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError) as exc:
+            self._stall()
+            raise StorageUnavailable(f"object storage did not answer {operation} within "
+                                     f"{self.settings.timeout:g} s") from exc
         except botocore.exceptions.ClientError as exc:
             if _absent(exc):
                 raise
@@ -94,6 +114,31 @@ class Bucket:
                                      f"{error.get('Message') or ''}".strip()) from exc
         except (botocore.exceptions.BotoCoreError, OSError) as exc:
             raise StorageUnavailable(f"object storage unreachable: {exc}") from exc
+
+    def _stall(self) -> None:
+        """Fail every call at once from now on, until the storage answers ``_watch``'s questions again."""
+        with self._stalled_lock:
+            if self._stalled:
+                return
+            self._stalled = True
+        log.warning("object storage %s did not answer within %g s: requests to it fail at once until it answers",
+                    self.settings.endpoint, self.settings.timeout)
+        threading.Thread(target=self._watch, name="s3-stalled", daemon=True).start()
+
+    def _watch(self) -> None:
+        """Ask the storage for the bucket every ``STALL_PROBE`` seconds; let calls through once it answers."""
+        client = self._client(2 * STALL_PROBE, attempts=1, connections=1)
+        while True:
+            time.sleep(STALL_PROBE)
+            try:
+                client.head_bucket(Bucket=self.name)
+            except botocore.exceptions.ClientError:
+                pass  # an answer, if not the one hoped for: the calls will tell
+            except (botocore.exceptions.BotoCoreError, OSError):
+                continue
+            self._stalled = False
+            log.info("object storage %s answers again", self.settings.endpoint)
+            return
 
     def get(self, key: str, **arguments: Any) -> dict[str, Any] | None:
         """GetObject of store key ``key``, or None when absent."""
@@ -394,6 +439,26 @@ class S3BlobStore:
             session = name.partition("/")[0]
             latest[session] = max(latest.get(session, 0.0), modified)
         yield from latest.items()
+
+    def expire_assemblies(self, cutoff: float, dry_run: bool = False) -> dict[str, int]:
+        """Abort (unless ``dry_run``) the multipart uploads of blobs begun before ``cutoff``: what a commit that
+        died halfway left, its parts hidden in the bucket; return them as ``assembly of <key>`` with their size."""
+        bucket, expired = self.bucket, {}
+        arguments: dict[str, Any] = {"Prefix": bucket.key("blobs/")}
+        while True:
+            page = bucket.call("list_multipart_uploads", **arguments)
+            for upload in page.get("Uploads", ()):
+                if upload["Initiated"].timestamp() >= cutoff:
+                    continue
+                key, upload_id = upload["Key"], upload["UploadId"]
+                with contextlib.suppress(botocore.exceptions.ClientError):  # completed or aborted meanwhile
+                    parts = bucket.call("list_parts", Key=key, UploadId=upload_id).get("Parts", ())
+                    if not dry_run:
+                        bucket.call("abort_multipart_upload", Key=key, UploadId=upload_id)
+                    expired[f"assembly of {key[len(bucket.prefix):]}"] = sum(part["Size"] for part in parts)
+            if not page.get("IsTruncated"):
+                return expired
+            arguments.update(KeyMarker=page["NextKeyMarker"], UploadIdMarker=page["NextUploadIdMarker"])
 
     def remember(self, session: str, hasher: Hasher | None) -> None:
         """Keep a session's running hash for the next request this process serves."""
