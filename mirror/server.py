@@ -226,7 +226,10 @@ class Service:
         self.notifier.ready()
 
     def _sweep_uploads(self) -> None:
-        self.appliance.registry.expire_uploads(self.appliance.config.storage.upload_expiry)
+        try:
+            self.appliance.registry.expire_uploads(self.appliance.config.storage.upload_expiry)
+        except MirrorError as exc:  # the store is unavailable now; the next sweep tries again
+            log.warning("could not sweep idle uploads: %s", exc.message)
 
 
 class Supervisor:

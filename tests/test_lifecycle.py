@@ -1,13 +1,20 @@
-"""Process life of ``mirror serve``: sd_notify readiness, SIGTERM drains in-flight transfers, SIGHUP reloads."""
+"""Process life of ``mirror serve``: sd_notify readiness, SIGTERM drains in-flight transfers, SIGHUP reloads, the
+hourly upload sweep outlives an unavailable store."""
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import logging
 import signal
 import socket
 
 import httpx
 import yaml
 
+from mirror.config import load
+from mirror.errors import StorageUnavailable
+from mirror.server import Service
+from mirror.systemd import Notifier
 from tests.images import Blob, build_image, push, push_blob
 from tests.peers import DistributionRegistry, MirrorProcess, wait_until
 
@@ -61,3 +68,21 @@ def test_sighup_picks_up_a_new_upstream_and_survives_a_broken_config(tmp_path):
         wait_until(lambda: "reload failed" in mirror.log(), 30, "the failed reload")
         assert "upstreams[0].url" in mirror.log()
         assert client.get(f"{mirror.url}/v2/ghcr.io/org/app/manifests/1").content == image.manifest.data
+
+
+def test_the_hourly_upload_sweep_outlives_a_store_that_is_unavailable(tmp_path, monkeypatch, caplog):
+    async def sweep() -> None:
+        config = tmp_path / "config.yaml"
+        config.write_text(yaml.safe_dump({"storage": {"root": str(tmp_path / "store")}, "upstreams": []}))
+        service = Service(load(config, {}), None, {}, Notifier(None))
+        try:
+            def unavailable(*args: object) -> None:
+                raise StorageUnavailable("object storage is not answering")
+            monkeypatch.setattr(service.appliance.registry, "expire_uploads", unavailable)
+            service._sweep_uploads()
+        finally:
+            await service.appliance.close()
+
+    with caplog.at_level(logging.WARNING):
+        asyncio.run(sweep())
+    assert "could not sweep idle uploads: object storage is not answering" in caplog.text
