@@ -1,7 +1,8 @@
 """Scale-out: three ``mirror serve`` instances on one bucket of a real Ceph RGW, coordinated through a real
 redis-server, behind no load balancer (the tests spread requests over the instances themselves).
 
-Pushes spread over instances, one upstream GET for many cold clients, an instance killed while it fetches, gc
+Pushes spread over instances (and two writers of one session racing, at the level of the S3 writer too), one
+upstream GET for many cold clients, an instance killed while it fetches, gc
 while serving, Redis lost and back, a bundle imported through one instance's config, and dockerd pulling through
 an instance that never saw the image.
 """
@@ -26,7 +27,11 @@ import httpx
 import pytest
 import redis
 
-from tests.images import build_image, push, push_blob
+from mirror.config import S3Storage
+from mirror.digest import Digest
+from mirror.errors import BlobUploadInvalid
+from mirror.storage.s3 import PART, Bucket, S3BlobStore, list_parts
+from tests.images import Blob, build_image, push, push_blob
 from tests.peers import DistributionRegistry, MirrorProcess, run
 from tests.scripted import Answer, ScriptedUpstream, http
 from tests.test_auth import write_htpasswd
@@ -155,6 +160,41 @@ def test_two_writers_of_one_upload_on_two_instances_never_mix_their_bytes(cluste
         done = client.put(httpx.URL(f"{cluster[0].url}{path}").copy_add_param("digest", sha(winner)))
         assert done.status_code == 201, done.text
         assert client.get(f"{cluster[2].url}/v2/team/race/blobs/{sha(winner)}").content == winner
+
+
+@pytest.fixture
+def blob_store(tmp_path, ceph_rgw, bucket) -> S3BlobStore:
+    """The S3 blob store in ``bucket``, as an instance has it (spooling on its scratch space)."""
+    settings = S3Storage(ceph_rgw.endpoint, bucket, ceph_rgw.access_key, ceph_rgw.secret_key)
+    return S3BlobStore(Bucket(settings), tmp_path / "spool", lambda: b"k" * 32)
+
+
+def test_the_writer_that_lost_the_first_part_of_a_session_puts_no_other(blob_store):
+    first, second = os.urandom(9 * MIB), os.urandom(9 * MIB)
+    winner = blob_store.writer(repository="team/race")
+    loser = blob_store.writer(winner.id)  # opened at the same offset: both will write from byte 0
+    winner.write(first[:PART])
+    winner.flush()
+    loser.write(second)
+    with pytest.raises(BlobUploadInvalid):
+        loser.flush()
+    assert list_parts(blob_store.bucket, winner.id) == [(0, PART)]  # nothing of the loser's landed after it
+    winner.write(first[PART:])
+    assert winner.commit(Digest.of(first)) == Digest.of(first)
+    assert blob_store.read(Digest.of(first)) == first
+
+
+def test_a_fetch_nobody_followed_goes_up_in_parts_of_8_mib_when_flushed(blob_store):
+    data = os.urandom(20 * MIB)
+    writer = blob_store.writer()
+    writer.eager = False
+    for start in range(0, len(data), MIB):
+        writer.write(data[start:start + MIB])
+    assert list_parts(blob_store.bucket, writer.id) == []
+    writer.flush()
+    assert list_parts(blob_store.bucket, writer.id) == [(0, PART), (PART, PART), (2 * PART, 4 * MIB)]
+    assert writer.commit(Digest.of(data)) == Digest.of(data)
+    assert blob_store.read(Digest.of(data)) == data
 
 
 @pytest.fixture
@@ -440,6 +480,34 @@ def test_object_storage_that_stops_answering_costs_one_wait_not_one_per_request(
         push(server.url, "team/app", "2", build_image("s3-hang-after", layers=1))
         assert client.get("/v2/team/app/tags/list").json()["tags"] == ["1", "2"]
         assert "Traceback" not in server.log() and "answers again" in server.log()
+    forwarder.cut()
+
+
+def test_object_storage_that_stalls_in_the_middle_of_a_blob_counts_as_not_answering(tmp_path, ceph_rgw, bucket):
+    forwarder = Cuttable(ceph_rgw.endpoint)
+    config = s3_config(ceph_rgw, bucket, None, workers=1)
+    config["storage"]["s3"].update(endpoint=forwarder.endpoint, timeout=2)
+    blob = Blob("application/octet-stream", os.urandom(48 * MIB))
+    path = f"/v2/team/app/blobs/{blob.digest}"
+    with MirrorProcess(tmp_path / "mirror", config) as server, httpx.Client(base_url=server.url, timeout=60) as client:
+        push_blob(client, server.url, "team/app", blob)
+        with client.stream("GET", path) as response:  # the gateway answered; then it stops sending the body
+            chunks = response.iter_bytes(MIB)
+            assert len(next(chunks)) == MIB
+            forwarder.hang()
+            with pytest.raises(httpx.HTTPError):  # cut short: never taken for the whole blob
+                for _ in chunks:
+                    pass
+        started = time.monotonic()
+        head = client.head(path)
+        assert head.status_code == 503 and time.monotonic() - started < 2  # not another 2 s timeout, twice
+        forwarder.resume()
+        deadline = time.monotonic() + 30
+        while (pulled := client.get(path)).status_code != 200:
+            assert time.monotonic() < deadline, pulled.text
+            time.sleep(0.5)
+        assert pulled.content == blob.data
+        assert "Traceback" not in server.log()
     forwarder.cut()
 
 

@@ -11,9 +11,9 @@ verifies the digest, and assembles them into ``blobs/<alg>/<hex[:2]>/<hex>`` ins
 (multipart copy: no byte travels through the instance again), then deletes the parts.
 
 Errors of the object storage become ``StorageUnavailable`` (503 to clients), never a traceback. Storage that
-stops answering (a call times out after ``storage.s3.timeout``) costs one wait, not one per request: from then
-on every call fails at once, while a thread of the bucket asks the storage every ``STALL_PROBE`` seconds whether
-it answers again.
+stops answering (a call, or a read of an object's body, times out after ``storage.s3.timeout``) costs one wait,
+not one per request: from then on every call fails at once, while a thread of the bucket asks the storage every
+``STALL_PROBE`` seconds whether it answers again.
 """
 from __future__ import annotations
 
@@ -141,11 +141,14 @@ class Bucket:
             return
 
     def get(self, key: str, **arguments: Any) -> dict[str, Any] | None:
-        """GetObject of store key ``key``, or None when absent."""
+        """GetObject of store key ``key``, or None when absent; a read of its body that times out counts like a
+        call that did."""
         try:
-            return self.call("get_object", Key=self.key(key), **arguments)
+            answer = self.call("get_object", Key=self.key(key), **arguments)
         except botocore.exceptions.ClientError:
             return None
+        answer["Body"] = _WatchedBody(answer["Body"], self._stall)
+        return answer
 
     def head(self, key: str) -> dict[str, Any] | None:
         """HeadObject of store key ``key``, or None when absent."""
@@ -235,6 +238,25 @@ class S3Objects:
     def delete_folder(self, folder: str) -> None:
         """Delete every object below ``folder``."""
         self.bucket.delete(*(f"{folder}/{name}" for name, _, _ in self.bucket.list(folder, delimiter=False)))
+
+
+class _WatchedBody:
+    """A GetObject body whose reads that time out call ``stalled()`` before they raise."""
+
+    def __init__(self, body: Any, stalled: Callable[[], None]):
+        self._body, self._stalled = body, stalled
+
+    def read(self, size: int | None = None) -> bytes:
+        """The next ``size`` bytes (all when None)."""
+        try:
+            return self._body.read(size)
+        except botocore.exceptions.ReadTimeoutError:
+            self._stalled()
+            raise
+
+    def close(self) -> None:
+        """Let the connection go."""
+        self._body.close()
 
 
 def _read(body: Any, size: int | None = None) -> bytes:
@@ -530,7 +552,11 @@ class S3BlobWriter(FileAppender):
     readers follow them), and every ``PART`` of them is queued for upload as the next part object (``UPLOADS``),
     so neither the upstream nor the clients wait for the bucket; ``flush`` waits for it. While ``eager`` is off
     the parts are uploaded only by ``flush``: a pull-through fetch nobody on another instance follows leaves the
-    bucket alone until its clients have every byte."""
+    bucket alone until its clients have every byte.
+
+    Nothing after the writer's first part is queued until that part is in place. Two writers that opened the
+    session at the same offset race for that first part, and the loser gives up before any other part of its
+    own can land between the winner's."""
 
     def __init__(self, store: S3BlobStore, session: str, parts: list[tuple[int, int]], hasher: Hasher | None):
         self.id = session
@@ -551,15 +577,17 @@ class S3BlobWriter(FileAppender):
     def append(self, data: bytes) -> None:
         """Append ``data`` to the spool without hashing it; a full part is queued for upload."""
         super().append(data)
-        while self.eager and self.size - self._queued >= PART:
-            self._upload(PART)
         self._settle(wait=False)
+        if self.eager:
+            self._queue(final=False)
 
-    def _upload(self, length: int) -> None:
-        """Queue the next ``length`` spooled bytes for upload as a part."""
-        offset = self._queued
-        self._pending[offset] = UPLOADS.submit(self._put_part, offset, length)
-        self._queued += length
+    def _queue(self, final: bool) -> None:
+        """Queue the spooled bytes for upload in parts of ``PART`` bytes (with ``final``, the rest as a shorter
+        last one), each read from the spool when its upload starts; only the first part until it is in place."""
+        while self.size - self._queued >= (1 if final else PART) and (self.flushed > self._base or not self._pending):
+            offset, length = self._queued, min(PART, self.size - self._queued)
+            self._pending[offset] = UPLOADS.submit(self._put_part, offset, length)
+            self._queued += length
 
     def _put_part(self, offset: int, length: int) -> int:
         data = os.pread(self._file.fileno(), length, offset - self._base)
@@ -585,8 +613,10 @@ class S3BlobWriter(FileAppender):
     def flush(self) -> None:
         """Write every spooled byte as part objects (readable by other instances) and wait until they are; raise
         BlobUploadInvalid if another writer put a part at one of their offsets first."""
-        if self.size > self._queued:
-            self._upload(self.size - self._queued)
+        self._queue(final=True)
+        while self._queued < self.size:  # held back until the first part was in place
+            self._settle(wait=True)
+            self._queue(final=True)
         self._settle(wait=True)
 
     def reader(self) -> FileReader:
