@@ -202,8 +202,6 @@ class FetchFollower:
                     yield chunk
                 return
             except FetchAbandoned:
-                if self.rejoin is None:
-                    raise
                 log.info("the fetch of %s that a request followed stopped; going on from byte %d", digest, position)
                 source = (await self.rejoin()).chunks(position, end)
 

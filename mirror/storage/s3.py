@@ -189,6 +189,11 @@ class Bucket:
                 return
             arguments["ContinuationToken"] = page["NextContinuationToken"]
 
+    def presigned(self, key: str, seconds: int = 1200) -> str:
+        """A URL that lets its bearer GET store key ``key`` straight from the object storage for ``seconds``."""
+        return self.client.generate_presigned_url("get_object", Params={"Bucket": self.name, "Key": self.key(key)},
+                                                  ExpiresIn=seconds)
+
     def copy(self, source: str, target: str) -> None:
         """Copy store key ``source`` to ``target`` inside the bucket (a fresh modification time)."""
         self.call("copy_object", Key=self.key(target), CopySource={"Bucket": self.name, "Key": self.key(source)},
@@ -373,12 +378,6 @@ class S3BlobStore:
                 await reading  # a thread cannot be stopped: let it finish before the body goes
             body.close()
 
-    def presigned(self, digest: Digest, seconds: int = 1200) -> str:
-        """A URL that lets its bearer GET the blob straight from the object storage for ``seconds``."""
-        return self.bucket.client.generate_presigned_url(
-            "get_object", Params={"Bucket": self.bucket.name, "Key": self.bucket.key(blob_key(digest))},
-            ExpiresIn=seconds)
-
     def changed(self, digest: Digest) -> float:
         """When the blob was last written (0 when absent)."""
         answer = self.bucket.head(blob_key(digest))
@@ -497,10 +496,7 @@ class S3BlobStore:
         """A hasher fed with the bytes of ``parts`` read back from the object storage."""
         hasher = Hasher(algorithm)
         for offset, _ in parts:
-            answer = self.bucket.get(upload_part_key(session, offset))
-            if answer is None:
-                raise BlobUploadUnknown(f"upload {session} lost a part meanwhile", detail={"session": session})
-            body = _Body(answer)
+            body = _Body(_part(self.bucket, session, offset))
             try:
                 while chunk := body.read(CHUNK):
                     hasher.update(chunk)
@@ -514,14 +510,13 @@ class S3BlobStore:
         answer = self.bucket.head(blob_key(digest))
         if answer is None:
             return None
-        self.bucket.call("copy_object", Key=self.bucket.key(f"{TRASH}/{digest.algorithm}/{digest.hex}"),
-                         CopySource={"Bucket": self.bucket.name, "Key": self.bucket.key(blob_key(digest))})
+        self.bucket.copy(blob_key(digest), _trash_key(digest))
         self.bucket.delete(blob_key(digest))
         return answer["LastModified"].timestamp()
 
     def restore(self, digest: Digest) -> None:
         """Put a trashed blob back unless the same bytes were committed again meanwhile."""
-        trashed = f"{TRASH}/{digest.algorithm}/{digest.hex}"
+        trashed = _trash_key(digest)
         if self.bucket.head(trashed) is None:
             return
         if self.bucket.head(blob_key(digest)) is None:
@@ -530,7 +525,7 @@ class S3BlobStore:
 
     def purge(self, digest: Digest) -> None:
         """Delete a trashed blob for good."""
-        self.bucket.delete(f"{TRASH}/{digest.algorithm}/{digest.hex}")
+        self.bucket.delete(_trash_key(digest))
 
     def trashed(self) -> Iterator[Digest]:
         """Every blob in the trash."""
@@ -541,7 +536,7 @@ class S3BlobStore:
 
     def read_any(self, digest: Digest) -> bytes:
         """The whole blob, also while it is in the trash."""
-        for key in (blob_key(digest), f"{TRASH}/{digest.algorithm}/{digest.hex}"):
+        for key in (blob_key(digest), _trash_key(digest)):
             if (answer := self.bucket.get(key)) is not None:
                 return _read_body(answer)
         raise BlobUnknown(f"blob {digest} is not in the store", detail={"digest": str(digest)})
@@ -701,14 +696,24 @@ class S3BlobWriter(FileAppender):
         self._bucket.delete(*keys)
 
 
+def _trash_key(digest: Digest) -> str:
+    """Where the garbage collector keeps blob ``digest`` while it is in the trash."""
+    return f"{TRASH}/{digest.algorithm}/{digest.hex}"
+
+
+def _part(bucket: Bucket, session: str, offset: int) -> dict[str, Any]:
+    """The GetObject answer of the part of ``session`` at ``offset``; raise BlobUploadUnknown when it is gone."""
+    answer = bucket.get(upload_part_key(session, offset))
+    if answer is None:
+        raise BlobUploadUnknown(f"upload {session} lost a part meanwhile", detail={"session": session})
+    return answer
+
+
 def _regrouped(bucket: Bucket, session: str, parts: list[tuple[int, int]]) -> Iterator[bytes]:
     """The bytes of ``parts`` in pieces of at least ``PART`` (but the last)."""
     pending = bytearray()
     for offset, _ in parts:
-        answer = bucket.get(upload_part_key(session, offset))
-        if answer is None:
-            raise BlobUploadUnknown(f"upload {session} lost a part meanwhile", detail={"session": session})
-        pending += _read_body(answer)
+        pending += _read_body(_part(bucket, session, offset))
         if len(pending) >= PART:
             yield bytes(pending)
             pending.clear()

@@ -141,7 +141,7 @@ class SharedForeignFetch:
         return await asyncio.to_thread(self._read, position, size)
 
     def _read(self, position: int, size: int) -> bytes:
-        bucket = self.store.blobs.bucket  # type: ignore[attr-defined]
+        bucket = self.store.bucket
         if not any(offset <= position < offset + length for offset, length in self._parts):
             self._parts = list_parts(bucket, self.session)
         data = read_parts(bucket, self.session, self._parts, position, size)

@@ -45,13 +45,14 @@ from mirror.storage.filesystem import FilesystemBlobStore, digests_in, storage_e
 from mirror.storage.imports import Imports
 from mirror.storage.metadata import Metadata
 from mirror.storage.objects import FileObjects, Objects, digests_under
-from mirror.storage.paths import ORIGINS, SECRET_PATTERN, Layout
+from mirror.storage.paths import ORIGINS, SECRET_PATTERN, Layout, blob_key
 from mirror.storage.pins import Pins
 from mirror.storage.queue import Queues
 
 if TYPE_CHECKING:
     from mirror.config import Config
     from mirror.storage.coordination import Coordination
+    from mirror.storage.s3 import Bucket
 
 LAYOUT_VERSION = 3
 COORDINATION_TIMEOUT = 0.25  # seconds a Redis call may take: callers wait on it, some on the event loop
@@ -69,11 +70,12 @@ class StoreStats:
 
 class Store:
     """Everything one store holds, each part behind its own small interface: on local disk under ``root``, or in
-    a bucket (``s3.py``) with ``root`` as local scratch space for import staging and event queues."""
+    ``bucket`` (``s3.py``) with ``root`` as local scratch space for import staging and event queues."""
 
     def __init__(self, root: Path, objects: Objects | None = None, blobs: BlobStore | None = None,
-                 coordination: Coordination | None = None, secret: str | None = None):
+                 coordination: Coordination | None = None, secret: str | None = None, bucket: Bucket | None = None):
         self._layout = Layout(root)
+        self.bucket = bucket
         self.objects = objects or FileObjects(root)
         self.blobs = blobs or FilesystemBlobStore(root)
         self.metadata = Metadata(self.objects)
@@ -87,7 +89,7 @@ class Store:
     @property
     def shared(self) -> bool:
         """Whether the store lives in a bucket that other instances may share."""
-        return not isinstance(self.objects, FileObjects)
+        return self.bucket is not None
 
     @property
     def access(self) -> AccessIndex:
@@ -119,8 +121,8 @@ class Store:
 
     def blob_url(self, digest: Digest) -> str | None:
         """A presigned URL of blob ``digest`` in the bucket when ``storage.s3.redirect`` is on, else None."""
-        if self.shared and self.blobs.bucket.settings.redirect:  # type: ignore[attr-defined]
-            return self.blobs.presigned(digest)  # type: ignore[attr-defined]
+        if self.bucket is not None and self.bucket.settings.redirect:
+            return self.bucket.presigned(blob_key(digest))
         return None
 
     def secret(self, name: str, generate: Callable[[], bytes]) -> bytes:
@@ -131,9 +133,9 @@ class Store:
             raise StorageError(f"invalid secret name {name[:100]!r}")
         if self._shared_secret is not None:
             return hmac.new(self._shared_secret.encode(), name.encode(), hashlib.sha256).digest()
-        if self.shared:
+        if self.bucket is not None:
             from mirror.storage.s3 import kept_secret
-            return kept_secret(self.blobs.bucket, name, generate)  # type: ignore[attr-defined]
+            return kept_secret(self.bucket, name, generate)
         path = self._layout.secret(name)
         try:
             with contextlib.suppress(FileNotFoundError):
@@ -145,9 +147,9 @@ class Store:
 
     def writable_problem(self) -> str | None:
         """Why the store cannot take writes now (naming no path), or None when a file could be made and removed."""
-        if self.shared:
+        if self.bucket is not None:
             from mirror.storage.s3 import probe
-            return probe(self.blobs.bucket)  # type: ignore[attr-defined]
+            return probe(self.bucket)
         probe = self._layout.probe(uuid.uuid4().hex)
         try:
             probe.parent.mkdir(parents=True, exist_ok=True)
@@ -231,7 +233,7 @@ def connect(config: Config) -> Store:
     # the blob store signs upload records with a secret of the store it belongs to, asked for on first use
     blobs = s3.S3BlobStore(bucket, Layout(root).uploads,
                            lambda: store.secret("upload.key", lambda: uuid.uuid4().bytes * 2))
-    store = Store(root, s3.S3Objects(bucket), blobs, coordination, config.secret)
+    store = Store(root, s3.S3Objects(bucket), blobs, coordination, config.secret, bucket)
     return store
 
 
