@@ -29,7 +29,7 @@ import redis
 
 from mirror.config import S3Storage
 from mirror.digest import Digest
-from mirror.errors import BlobUploadInvalid
+from mirror.errors import BlobUploadInvalid, StorageUnavailable
 from mirror.storage.s3 import PART, Bucket, S3BlobStore, list_parts
 from tests.images import Blob, build_image, push, push_blob
 from tests.peers import DistributionRegistry, MirrorProcess, run
@@ -195,6 +195,15 @@ def test_a_fetch_nobody_followed_goes_up_in_parts_of_8_mib_when_flushed(blob_sto
     assert list_parts(blob_store.bucket, writer.id) == [(0, PART), (PART, PART), (2 * PART, 4 * MIB)]
     assert writer.commit(Digest.of(data)) == Digest.of(data)
     assert blob_store.read(Digest.of(data)) == data
+
+
+def test_an_upload_the_object_storage_refuses_is_storage_unavailable(tmp_path, ceph_rgw):
+    settings = S3Storage(ceph_rgw.endpoint, "no-such-bucket-here", ceph_rgw.access_key, ceph_rgw.secret_key)
+    blobs = S3BlobStore(Bucket(settings), tmp_path / "spool", lambda: b"k" * 32)
+    verified = tmp_path / "verified"
+    verified.write_bytes(b"imported blob")
+    with pytest.raises(StorageUnavailable, match="refused the upload"):
+        blobs.adopt(verified, Digest.of(b"imported blob"))
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import boto3
+import boto3.exceptions
 import botocore.config
 import botocore.exceptions
 
@@ -188,6 +189,13 @@ class Bucket:
             if not page.get("IsTruncated"):
                 return
             arguments["ContinuationToken"] = page["NextContinuationToken"]
+
+    def upload(self, path: Path, key: str) -> None:
+        """Upload the local file ``path`` as store key ``key`` (in parts when it is large)."""
+        try:
+            self.call("upload_file", Filename=str(path), Key=self.key(key))
+        except boto3.exceptions.S3UploadFailedError as exc:  # what upload_file makes of the storage's refusal
+            raise StorageUnavailable(f"object storage refused the upload: {exc}") from exc
 
     def presigned(self, key: str, seconds: int = 1200) -> str:
         """A URL that lets its bearer GET store key ``key`` straight from the object storage for ``seconds``."""
@@ -398,10 +406,7 @@ class S3BlobStore:
     def adopt(self, path: Path, digest: Digest) -> None:
         """Upload the verified file ``path`` as blob ``digest`` unless the store has it, then delete the file."""
         if self.stat(digest) is None:
-            try:
-                self.bucket.client.upload_file(str(path), self.bucket.name, self.bucket.key(blob_key(digest)))
-            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError, OSError) as exc:
-                raise StorageUnavailable(f"object storage upload failed: {exc}") from exc
+            self.bucket.upload(path, blob_key(digest))
         path.unlink()
 
     # uploads
